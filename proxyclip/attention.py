@@ -1,0 +1,82 @@
+"""The proxy attention of ProxyCLIP, equations 4-8 of the paper, as pure functions.
+
+Notation: B windows, L = h * w VFM patches per window, C VFM channels, D CLIP width.
+
+    S      = x x^T                        cosine similarity of l2-normalised VFM tokens (eq. 4)
+    A      = gamma * (S - beta * mean(S)) mean over all L x L entries of one window  (eq. 6)
+    M_ij   = -inf where A_ij < 0, else 0                                           (eq. 7)
+    Attn_p = softmax(A + M) over keys                                              (eq. 8)
+    z      = out_proj(Attn_p @ v)         one attention shared by every head       (eq. 5)
+
+Because the same attention serves all heads, ``Attn_p @ v`` on the (B, L, D) value tensor
+equals the per-head products concatenated over heads: no per-head copy of the L x L matrix
+is ever made.
+
+A row whose every entry would be masked (only possible when beta * mean(S) exceeds the row's
+largest similarity, e.g. a window of one flat colour) would give NaN in the published code.
+Here such a row keeps its largest entries instead: the mask threshold is min(0, max_j A_ij),
+which is identical to eq. 7 for every row that has a non-negative entry.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def normalised_similarity(feats: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Eqs. 4 and 6: the shifted and scaled cosine similarity of VFM tokens.
+
+    Args:
+        feats: B x C x h x w VFM patch features (any real dtype).
+        beta: shift factor (1.2 in the paper).
+        gamma: scale factor (3.0 in the paper).
+
+    Returns:
+        A: B x L x L, L = h * w, in the dtype of ``feats``; the mean is taken per window.
+    """
+    x = F.normalize(feats.flatten(2), dim=1)  # B x C x L
+    sim = torch.bmm(x.transpose(1, 2), x)  # B x L x L
+    mean = sim.mean(dim=(1, 2), keepdim=True)  # B x 1 x 1, one statistic per window
+    return (sim - beta * mean) * gamma
+
+
+def masked_softmax(a: torch.Tensor) -> torch.Tensor:
+    """Eqs. 7 and 8: mask the negative entries of ``a`` with -inf, softmax over the last axis.
+
+    A row with no non-negative entry keeps its maximal entries (see the module docstring),
+    so the result never contains NaN for finite input.
+
+    Args:
+        a: ... x L x L normalised similarity.
+
+    Returns:
+        ... x L x L attention, each row summing to 1.
+    """
+    threshold = a.amax(dim=-1, keepdim=True).clamp(max=0)  # ... x L x 1
+    return a.masked_fill(a < threshold, float("-inf")).softmax(dim=-1)
+
+
+def proxy_attention(feats: torch.Tensor, beta: float = 1.2, gamma: float = 3.0) -> torch.Tensor:
+    """Eqs. 4-8: the proxy attention ``Attn_p`` from VFM features.
+
+    Args:
+        feats: B x C x h x w VFM patch features.
+
+    Returns:
+        B x L x L attention (L = h * w), rows sum to 1; shared by all CLIP heads.
+    """
+    return masked_softmax(normalised_similarity(feats, beta, gamma))
+
+
+def aggregate_values(attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 without the projection: ``Attn_p @ v`` for all heads at once.
+
+    Args:
+        attn: B x L x L attention (one for every head).
+        values: B x L x D CLIP values, heads concatenated along D.
+
+    Returns:
+        B x L x D re-aggregated values.
+    """
+    return torch.bmm(attn.to(values.dtype), values)  # B x L x D

@@ -1,0 +1,228 @@
+"""The ``proxyclip`` command: a thin layer over the library.
+
+Exit codes: 0 success; 1 some inputs failed (the others were processed); 2 bad usage or
+configuration (class names, weights, output folder), nothing processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ProxyCLIPError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the models and their weights (shared by every sub-command)."""
+    from .clip import CLIP_MODELS
+    from .vfm import VFM_BUILDERS
+
+    g = parser.add_argument_group("models and weights")
+    g.add_argument("--clip", default="ViT-B-16", metavar="NAME",
+                   help=f"open_clip ViT architecture (paper: {', '.join(CLIP_MODELS)}; default: %(default)s)")
+    g.add_argument("--clip-pretrained", default=None, metavar="TAG",
+                   help="open_clip pretrained tag; decides QuickGELU (default: openai for ViT-B-16/L-14, "
+                        "laion2b_s32b_b79k for ViT-H-14)")
+    g.add_argument("--clip-weights", default=None, metavar="FILE",
+                   help="local CLIP checkpoint (.safetensors or a state dict) instead of downloading the tag's weights")
+    g.add_argument("--vfm", default="dino_vitb8", choices=sorted(VFM_BUILDERS),
+                   help="vision foundation model giving the proxy attention (default: %(default)s)")
+    g.add_argument("--vfm-weights", default=None, metavar="FILE",
+                   help="local VFM checkpoint (timm format, .safetensors or a state dict) instead of the hub")
+    g.add_argument("--method", default="proxyclip", choices=["proxyclip", "maskclip", "clip"],
+                   help="proxyclip, or a training-free baseline without a VFM: maskclip (values, no attention) "
+                        "or clip (the plain last block) (default: %(default)s)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build the real architectures with RANDOM weights (tests and benchmarks only: "
+                        "the output is meaningless)")
+    g.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="model precision; fp16 needs CUDA, bf16 runs on CUDA and recent CPUs (default: %(default)s)")
+
+
+def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336, stride: int | None = 112,
+                       short_side: int | None = 336, bg_threshold: float | None = 0.0) -> None:
+    """Options of the method itself; a default of None means "from the dataset preset"."""
+    g = parser.add_argument_group("method settings")
+    g.add_argument("--beta", type=float, default=1.2, help="shift factor of eq. 6 (default: %(default)s)")
+    g.add_argument("--gamma", type=float, default=3.0, help="scale factor of eq. 6 (default: %(default)s)")
+    g.add_argument("--window", type=int, default=window, help="sliding-window size in pixels (default: %(default)s)")
+    g.add_argument("--stride", type=int, default=stride, help="sliding-window stride in pixels (default: %(default)s)")
+    g.add_argument("--bg-threshold", type=float, default=bg_threshold,
+                   help="pixels whose top class probability is below this become class 0, the first class "
+                        "(default: %(default)s, off)")
+    g.add_argument("--short-side", type=int, default=short_side,
+                   help="resize images so their short side is this many pixels, long side at most --long-side; "
+                        "0 keeps the size (default: %(default)s)")
+    g.add_argument("--long-side", type=int, default=2048, help="cap on the long side after resizing (default: %(default)s)")
+    g.add_argument("--window-batch", type=int, default=16,
+                   help="windows per forward pass; lower it if memory runs out (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace, **preset):
+    """A ProxyCLIPConfig from the parsed options; ``preset`` fills options left at None."""
+    from .clip import CLIP_MODELS
+    from .segmenter import ProxyCLIPConfig
+
+    def pick(name: str):
+        value = getattr(args, name, None)
+        return preset.get(name) if value is None else value
+
+    short = pick("short_side")
+    return ProxyCLIPConfig(
+        clip=args.clip,
+        clip_pretrained=args.clip_pretrained or CLIP_MODELS.get(args.clip, "openai"),
+        vfm=args.vfm,
+        method=args.method,
+        beta=args.beta,
+        gamma=args.gamma,
+        window=pick("window"),
+        stride=pick("stride"),
+        bg_threshold=pick("bg_threshold"),
+        short_side=short if short else None,
+        long_side=args.long_side,
+        window_batch=args.window_batch,
+    )
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ProxyCLIPError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ProxyCLIPError("CUDA was asked for but is not available; use --device cpu")
+    return device
+
+
+def build_model(args: argparse.Namespace, config):
+    """Build the segmenter the options describe."""
+    import torch
+
+    from .segmenter import ProxyCLIP
+
+    device = resolve_device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ProxyCLIPError("fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    return ProxyCLIP.build(
+        config,
+        clip_weights=args.clip_weights,
+        vfm_weights=args.vfm_weights,
+        random_weights=args.random_weights,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and check that files can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ProxyCLIPError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+
+
+# ---- proxyclip segment -----------------------------------------------------------------------
+
+def _add_segment(sub) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment images into named classes",
+        description="Segment images into any classes you name. For each IMAGE, writes into --out: "
+                    "NAME.png (palette label map: pixel value = class index), NAME_overlay.png (colours and a "
+                    "legend) and, with --save-probs, NAME_probs.npy (C x H x W float32 class probabilities).",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, TIFF, WebP, ...)")
+    cls = p.add_mutually_exclusive_group(required=True)
+    cls.add_argument("--classes", metavar="LIST",
+                     help='class names separated by commas, synonyms of one class by semicolons: "cat; kitten, dog, sky"')
+    cls.add_argument("--classes-file", metavar="FILE",
+                     help='a text file with one class a line, synonyms separated by "; "')
+    p.add_argument("--out", "-o", default="proxyclip_out", type=Path, help="output folder (default: %(default)s)")
+    p.add_argument("--save-probs", action="store_true", help="also save the class probabilities as NAME_probs.npy")
+    p.add_argument("--no-overlay", action="store_true", help="do not write the colour overlay")
+    add_model_args(p)
+    add_inference_args(p)
+    p.set_defaults(func=run_segment)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .classes import parse_classes, read_class_file
+    from .images import label_image, load_image, overlay_image, write_atomically
+
+    classes = read_class_file(args.classes_file) if args.classes_file else parse_classes(args.classes)
+    stems: dict[str, str] = {}
+    for image in args.images:
+        stem = Path(image).stem
+        if stem in stems:
+            raise ProxyCLIPError(f"{stems[stem]} and {image} would write the same output names; segment them in separate runs")
+        stems[stem] = image
+    config = config_from_args(args)
+    ensure_writable_dir(args.out)
+    model = build_model(args, config)
+    failed = 0
+    bar = tqdm(args.images, unit="img", disable=len(args.images) < 2, file=sys.stderr)
+    for image in bar:
+        try:
+            pixels = load_image(image)
+            result = model.segment(pixels, classes)
+            stem = Path(image).stem
+            outputs: dict[Path, object] = {args.out / f"{stem}.png": label_image(result.labels)}
+            if not args.no_overlay:
+                outputs[args.out / f"{stem}_overlay.png"] = overlay_image(pixels, result.labels, classes.display_names)
+            if args.save_probs:
+                outputs[args.out / f"{stem}_probs.npy"] = result.probs
+            write_atomically(outputs)
+        except (ProxyCLIPError, OSError) as exc:
+            failed += 1
+            tqdm.write(f"proxyclip: error: {exc}", file=sys.stderr)
+    done = len(args.images) - failed
+    print(f"segmented {done} of {len(args.images)} images into {len(classes)} classes; outputs in {args.out}",
+          file=sys.stderr)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxyclip",
+        description="Training-free open-vocabulary semantic segmentation with ProxyCLIP (ECCV 2024).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_segment(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ProxyCLIPError as exc:
+        print(f"proxyclip: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("proxyclip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

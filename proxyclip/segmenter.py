@@ -1,0 +1,273 @@
+"""The segmenter: CLIP + a VFM's proxy attention + sliding windows + text queries."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import clip as clip_lib
+from .attention import aggregate_values, proxy_attention
+from .classes import ClassList, make_class_list
+from .errors import ProxyCLIPError
+from .images import ImageInput, load_image, resize_keep_ratio
+from .sliding import slide_logits
+from .vfm import VFM_BUILDERS
+
+Method = Literal["proxyclip", "maskclip", "clip"]
+
+
+@dataclass(frozen=True)
+class ProxyCLIPConfig:
+    """Everything that decides ProxyCLIP's output for a given set of weights."""
+
+    clip: str = "ViT-B-16"  # open_clip architecture
+    clip_pretrained: str = "openai"  # open_clip pretrained tag; "openai" implies QuickGELU
+    vfm: str = "dino_vitb8"  # key of VFM_BUILDERS (used by method "proxyclip")
+    method: Method = "proxyclip"  # "maskclip" / "clip": the training-free baselines, no VFM
+    beta: float = 1.2  # shift of the similarity mean, eq. 6
+    gamma: float = 3.0  # scale of the normalised similarity, eq. 6
+    window: int = 336  # sliding-window size (pixels, after resizing)
+    stride: int = 112  # sliding-window stride
+    pad_multiple: int = 56  # windows smaller than `window` are padded to a multiple of this
+    logit_scale: float = 40.0  # multiplies the cosine logits before the softmax over queries
+    bg_threshold: float = 0.0  # pixels whose top probability is below become class 0
+    short_side: int | None = 336  # resize so the short side is this (None: no resizing) ...
+    long_side: int = 2048  # ... unless the long side would exceed this
+    window_batch: int = 16  # windows per forward pass (memory, not results)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("proxyclip", "maskclip", "clip"):
+            raise ProxyCLIPError(f"unknown method {self.method!r}; use proxyclip, maskclip or clip")
+        if self.method == "proxyclip" and self.vfm not in VFM_BUILDERS:
+            raise ProxyCLIPError(f"unknown VFM {self.vfm!r}; choose one of {', '.join(VFM_BUILDERS)}")
+        if self.window <= 0 or self.stride <= 0 or self.window_batch <= 0 or self.pad_multiple <= 0:
+            raise ProxyCLIPError("window, stride, pad multiple and window batch must be positive integers")
+        if self.stride > self.window:
+            raise ProxyCLIPError(f"stride {self.stride} is larger than the window {self.window}: pixels would be skipped")
+        if not 0.0 <= self.bg_threshold <= 1.0:
+            raise ProxyCLIPError(f"background threshold {self.bg_threshold} must lie in [0, 1]")
+        if self.short_side is not None and (self.short_side <= 0 or self.long_side <= 0):
+            raise ProxyCLIPError("short and long side must be positive")
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The result for one image, at the image's own size."""
+
+    labels: np.ndarray  # H x W int64 class indices
+    probs: np.ndarray  # C x H x W float32 class probabilities (max over each class's names)
+    classes: ClassList
+
+
+class ProxyCLIP(nn.Module):
+    """Training-free open-vocabulary segmentation with ProxyCLIP.
+
+    Two levels: :meth:`segment` takes an image (path, PIL image or H x W x 3 uint8 array) and
+    class names; :meth:`predict_logits` takes a CLIP-normalised tensor and text embeddings.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer: object, vfm: nn.Module | None, config: ProxyCLIPConfig):
+        super().__init__()
+        if config.method == "proxyclip" and vfm is None:
+            raise ProxyCLIPError("method 'proxyclip' needs a VFM")
+        self.clip_model = clip_model
+        self.tokenizer = tokenizer
+        self.vfm = vfm if config.method == "proxyclip" else None
+        self.config = config
+        mean, std = clip_lib.clip_normalisation(clip_model.visual)
+        self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(std).view(3, 1, 1), persistent=False)
+        if self.vfm is not None:
+            self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
+            self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    @classmethod
+    def build(
+        cls,
+        config: ProxyCLIPConfig | None = None,
+        *,
+        clip_weights: str | None = None,
+        vfm_weights: str | None = None,
+        random_weights: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ProxyCLIP:
+        """Build from names, loading weights through open_clip and timm (or local files).
+
+        Args:
+            config: the configuration; defaults to CLIP ViT-B/16 (OpenAI) + DINO ViT-B/8.
+            clip_weights / vfm_weights: local checkpoint files instead of the hub.
+            random_weights: random weights for tests and benchmarks; warns, output meaningless.
+            device: e.g. "cpu", "cuda".
+            dtype: torch.float32, or float16 / bfloat16.
+        """
+        config = config or ProxyCLIPConfig()
+        if random_weights:
+            warnings.warn("ProxyCLIP built with RANDOM weights: its output is meaningless", stacklevel=2)
+        clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights)
+        vfm = None
+        if config.method == "proxyclip":
+            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights, window=config.window)
+        clip_model.to(dtype)
+        if vfm is not None:
+            vfm.to(dtype)
+        return cls(clip_model, tokenizer, vfm, config).to(device)
+
+    def with_config(self, **changes) -> ProxyCLIP:
+        """The same models with other inference settings (beta, gamma, window, threshold, ...)."""
+        config = replace(self.config, **changes)
+        for key in ("clip", "clip_pretrained", "vfm"):
+            if getattr(config, key) != getattr(self.config, key):
+                raise ProxyCLIPError(f"changing {key} needs new weights: build a new ProxyCLIP")
+        clone = ProxyCLIP(self.clip_model, self.tokenizer, self.vfm, config).to(self.device)
+        clone._text_cache = self._text_cache  # the text side does not depend on these settings
+        return clone
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip_mean.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip_model.visual.proj.dtype
+
+    # ---- text ---------------------------------------------------------------------------
+    def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]]) -> torch.Tensor:
+        """Q x E unit-norm text embeddings of every query name; cached per list of names."""
+        queries = make_class_list(classes).queries
+        if queries not in self._text_cache:
+            emb = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device)
+            self._text_cache[queries] = emb.to(self.dtype)
+        return self._text_cache[queries]
+
+    # ---- tensor level -------------------------------------------------------------------
+    def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised windows -> the same pixels normalised for the VFM (padding included)."""
+        pixels = windows * self.clip_std.to(windows.dtype) + self.clip_mean.to(windows.dtype)
+        return (pixels - self.vfm_mean.to(windows.dtype)) / self.vfm_std.to(windows.dtype)
+
+    def window_features(self, windows: torch.Tensor) -> torch.Tensor:
+        """Dense CLIP features of a batch of windows.
+
+        Args:
+            windows: N x 3 x h x w, CLIP-normalised, in the model's dtype.
+
+        Returns:
+            N x E x h' x w' unit-norm features on the VFM's grid (CLIP's grid for the baselines).
+        """
+        visual = self.clip_model.visual
+        p = clip_lib.clip_patch_size(visual)
+        grid = (windows.shape[-2] // p, windows.shape[-1] // p)
+        x = clip_lib.last_block_input(visual, windows)  # N x (1 + hw) x D
+        if self.config.method == "clip":
+            z = clip_lib.vanilla_patch_features(visual, x)  # N x hw x E
+        else:
+            v = clip_lib.last_block_values(visual, x, grid)  # N x D x h x w
+            if self.config.method == "proxyclip":
+                feats = self.vfm(self.to_vfm_input(windows))  # N x C x h' x w'
+                grid = tuple(feats.shape[-2:])
+                v = F.interpolate(v, size=grid, mode="bilinear", align_corners=False)  # N x D x h' x w'
+                tokens = aggregate_values(
+                    proxy_attention(feats, self.config.beta, self.config.gamma), v.flatten(2).transpose(1, 2)
+                )  # N x L x D
+            else:  # maskclip: each patch keeps its own value
+                tokens = v.flatten(2).transpose(1, 2)  # N x hw x D
+            z = clip_lib.project_tokens(visual, tokens)  # N x L x E
+        z = F.normalize(z, dim=-1)
+        return z.transpose(1, 2).reshape(z.shape[0], z.shape[2], *grid)  # N x E x h' x w'
+
+    def window_logits(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """N x 3 x h x w windows -> N x Q x h x w cosine logits, resized to the window."""
+        feats = self.window_features(windows.to(self.dtype))  # N x E x h' x w'
+        logits = torch.einsum("nehw,qe->nqhw", feats, text)  # N x Q x h' x w'
+        return F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def predict_logits(
+        self, image: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Sliding-window logits of one image.
+
+        Args:
+            image: 3 x H x W (or 1 x 3 x H x W) float, CLIP-normalised.
+            text: Q x E text embeddings from :meth:`encode_classes`.
+            out_size: (H0, W0) to resize the logits to (bilinear), e.g. the original size.
+
+        Returns:
+            Q x H0 x W0 float32 cosine logits (not scaled), averaged over windows.
+        """
+        if image.dim() == 4:
+            if image.shape[0] != 1:
+                raise ValueError("predict_logits takes one image; loop over a batch")
+            image = image[0]
+        cfg = self.config
+        logits = slide_logits(
+            image.to(self.device),
+            lambda w: self.window_logits(w, text),
+            num_outputs=text.shape[0],
+            window=cfg.window,
+            stride=cfg.stride,
+            pad_multiple=cfg.pad_multiple,
+            batch_size=cfg.window_batch,
+        )  # Q x H x W
+        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+        return logits
+
+    def classify(self, logits: torch.Tensor, classes: ClassList | Sequence[str | Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine logits -> labels and class probabilities.
+
+        Softmax of ``logit_scale * logits`` over the queries; a class's probability is the max
+        over its names; argmax; pixels whose top probability is below ``bg_threshold`` get 0.
+
+        Args:
+            logits: Q x H x W.
+
+        Returns:
+            labels (H x W int64) and probabilities (C x H x W float32).
+        """
+        class_list = make_class_list(classes)
+        probs = (logits.float() * self.config.logit_scale).softmax(dim=0)  # Q x H x W
+        if len(class_list.queries) != len(class_list):
+            bounds = np.cumsum([0] + [len(names) for names in class_list.names])
+            probs = torch.stack([probs[a:b].amax(dim=0) for a, b in zip(bounds[:-1], bounds[1:])])  # C x H x W
+        top, labels = probs.max(dim=0)  # H x W each
+        if self.config.bg_threshold > 0:
+            labels[top < self.config.bg_threshold] = 0
+        return labels, probs
+
+    # ---- image level --------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule)."""
+        cfg = self.config
+        pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)  # 3 x H x W uint8
+        if cfg.short_side is not None:
+            pixels = resize_keep_ratio(pixels, cfg.short_side, cfg.long_side)
+        pixels = pixels.to(self.device, torch.float32) / 255.0
+        return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
+
+    @torch.no_grad()
+    def segment(self, image: ImageInput, classes: ClassList | Sequence[str | Sequence[str]]) -> Segmentation:
+        """Segment one image into ``classes``.
+
+        Args:
+            image: a file path, a PIL image, or an H x W x 3 uint8 RGB array.
+            classes: names in label order; an item may be a list of synonyms or "a; b".
+
+        Returns:
+            :class:`Segmentation` at the image's original size.
+        """
+        class_list = make_class_list(classes)
+        pixels = load_image(image)
+        text = self.encode_classes(class_list)
+        logits = self.predict_logits(self.preprocess(pixels), text, out_size=pixels.shape[:2])
+        labels, probs = self.classify(logits, class_list)
+        return Segmentation(labels.cpu().numpy(), probs.cpu().numpy(), class_list)

@@ -1,0 +1,147 @@
+"""Vision foundation models (VFMs) from timm, reduced to one job: patch features of a window.
+
+``VFM_BUILDERS`` maps a VFM name to a plain builder function. Every VFM takes a window that is
+already normalised for it and returns B x C x h x w features of its final layer after the final
+norm, class and register tokens dropped. It also states the pixel normalisation it expects as
+``mean`` and ``std`` (RGB, 0-1 range), read from timm's pretrained config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WeightsError
+from .pos_embed import resize_pos_embed_with_cls
+
+
+class TimmViT(nn.Module):
+    """A timm ViT (DINO, DINOv2, MAE) returning its final-layer patch tokens.
+
+    Args:
+        model: a timm ``VisionTransformer`` built with ``dynamic_img_size=True``.
+        pos_recipe: "dino" or "exact" to resize the positional embedding as the published code
+            did (see :mod:`proxyclip.pos_embed`); None to use timm's own resizing (DINOv2, whose
+            original code timm matches).
+        input_size: resize every window to this square size first (MAE ran at the window size
+            of the protocol, whatever the crop); None keeps the window's size.
+    """
+
+    def __init__(self, model: nn.Module, pos_recipe: str | None, input_size: int | None = None):
+        super().__init__()
+        self.model = model
+        self.pos_recipe = pos_recipe
+        self.input_size = input_size
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.mean, self.std = _normalisation(model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W (normalised for this VFM) -> B x C x h x w."""
+        if self.input_size is not None:
+            size = (self.input_size, self.input_size)
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        m = self.model
+        if self.pos_recipe is None:
+            out = m.forward_intermediates(
+                images, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+            )
+            return out[-1]  # B x C x h x w
+        x = m.patch_embed(images)  # B x h x w x C
+        b, h, w, c = x.shape
+        x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)  # B x (1+hw) x C
+        x = x + resize_pos_embed_with_cls(m.pos_embed[0], (h, w), self.pos_recipe).to(x.dtype)
+        x = m.norm(m.blocks(m.norm_pre(m.pos_drop(x))))  # B x (1+hw) x C
+        return x[:, 1:].transpose(1, 2).reshape(b, c, h, w)  # B x C x h x w
+
+
+class SamEncoder(nn.Module):
+    """SAM's image encoder (timm ``samvit``): every window is resized to 1024 x 1024 first."""
+
+    def __init__(self, model: nn.Module, input_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.input_size = input_size
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.mean, self.std = _normalisation(model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> B x 256 x 64 x 64 (neck output)."""
+        size = (self.input_size, self.input_size)
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return self.model.forward_features(images)  # B x 256 x h x w
+
+
+def create_timm(name: str, weights: str | None, random_weights: bool, **kwargs) -> nn.Module:
+    """``timm.create_model`` with pretrained weights from the hub cache or a local file.
+
+    Raises:
+        WeightsError: the weights are missing, with how to supply them.
+    """
+    overlay = {"file": weights} if weights else None
+    try:
+        model = timm.create_model(
+            name,
+            pretrained=not random_weights,
+            pretrained_cfg_overlay=overlay,
+            num_classes=0,
+            **kwargs,
+        )
+    except Exception as exc:  # timm and huggingface_hub raise many types here
+        if random_weights:
+            raise
+        what = f"file {weights}" if weights else f"timm {name}"
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise WeightsError(
+            f"VFM weights {what} could not be loaded ({type(exc).__name__}: {reason}). "
+            "Pass a local checkpoint with --vfm-weights FILE, or put the weights in the Hugging Face "
+            "cache (HF_HOME) and set HF_HUB_OFFLINE=1, or connect to the internet."
+        ) from exc
+    return model.eval().requires_grad_(False)
+
+
+def _normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A timm model's pixel mean and std (RGB, 0-1 range) from its pretrained config."""
+    cfg = model.pretrained_cfg
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def _dino(name: str) -> Callable[..., nn.Module]:
+    def build(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+        model = create_timm(name, weights, random_weights, dynamic_img_size=True)
+        return TimmViT(model, pos_recipe="dino")
+
+    build.__doc__ = f"DINO ({name}): final-layer patch tokens at the window's size."
+    return build
+
+
+def build_dinov2_vitb14_reg(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+    """DINOv2 ViT-B/14 with 4 registers: final-layer patch tokens at the window's size."""
+    model = create_timm("vit_base_patch14_reg4_dinov2.lvd142m", weights, random_weights, dynamic_img_size=True)
+    return TimmViT(model, pos_recipe=None)
+
+
+def build_mae_vitb16(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+    """MAE ViT-B/16: windows resized to window x window, as in the published runs."""
+    model = create_timm("vit_base_patch16_224.mae", weights, random_weights, dynamic_img_size=True)
+    return TimmViT(model, pos_recipe="exact", input_size=window)
+
+
+def build_sam_vitb(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+    """SAM ViT-B image encoder at 1024 x 1024 (a 64 x 64 grid of 256-d features)."""
+    return SamEncoder(create_timm("samvit_base_patch16.sa1b", weights, random_weights))
+
+
+# VFM name -> builder(weights=None, random_weights=False, window=336) -> nn.Module
+VFM_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "dino_vits16": _dino("vit_small_patch16_224.dino"),
+    "dino_vits8": _dino("vit_small_patch8_224.dino"),
+    "dino_vitb16": _dino("vit_base_patch16_224.dino"),
+    "dino_vitb8": _dino("vit_base_patch8_224.dino"),
+    "dinov2_vitb14_reg": build_dinov2_vitb14_reg,
+    "sam_vitb": build_sam_vitb,
+    "mae_vitb16": build_mae_vitb16,
+}
