@@ -177,7 +177,7 @@ def write_atomically(outputs: dict[Path, object]) -> None:
                 if isinstance(obj, Image.Image):
                     obj.save(fh, format="PNG")
                 else:
-                    np.save(fh, obj)
+                    np.save(fh, obj, allow_pickle=False)
         mode = 0o666 & ~_umask()
         for tmp, path in temps:
             os.chmod(tmp, mode)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network in tests; before the imports below
+
 import warnings
 from pathlib import Path
 

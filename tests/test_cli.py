@@ -1,0 +1,165 @@
+"""``proxyclip segment`` end to end, in-process, on a tiny CLIP and a small real VFM."""
+
+import pickle
+
+import numpy as np
+import pytest
+from conftest import TINY_CLIP, tiny_clip
+from PIL import Image
+
+from proxyclip.cli import main
+
+TINY = ["--clip", TINY_CLIP, "--vfm", "dino_vits16", "--random-weights", "--window", "112", "--stride", "56",
+        "--short-side", "112"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(folder / "b.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return folder
+
+
+def test_segment_writes_labels_overlay_and_probs(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["segment", str(images / "a.jpg"), str(images / "b.png"), "--classes", "cat; kitten, dog, sky",
+                 "--out", str(out), "--save-probs", *TINY])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy"]
+    labels = np.asarray(Image.open(out / "a.png"))
+    assert labels.shape == (60, 80) and labels.max() < 3
+    probs = np.load(out / "a_probs.npy")
+    assert probs.shape == (3, 60, 80) and np.array_equal(probs.argmax(0), labels)
+    assert Image.open(out / "b_overlay.png").height >= 30
+    assert "segmented 2 of 2 images" in capsys.readouterr().err
+
+
+def test_one_bad_image_does_not_stop_the_others(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["segment", str(images / "broken.jpg"), str(images / "a.jpg"), str(images / "nope.png"),
+                 "--classes", "a, b", "--out", str(out), *TINY])
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png"]
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "nope.png: no such file" in err
+    assert "Traceback" not in err
+
+
+def test_classes_file(images, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("background; sky\nperson\n")
+    assert main(["segment", str(images / "a.jpg"), "--classes-file", str(names), "--out", str(tmp_path / "o"), *TINY]) == 0
+
+
+@pytest.mark.parametrize("classes", ["", "cat,,dog", "cat, Cat"])
+def test_bad_class_lists_exit_2_and_write_nothing(images, tmp_path, capsys, classes):
+    out = tmp_path / "out"
+    assert main(["segment", str(images / "a.jpg"), "--classes", classes, "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("proxyclip: error:")
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(images, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(blocker / "sub"), *TINY]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_duplicate_output_names(images, tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "x" / "a.png")
+    assert main(["segment", str(images / "a.jpg"), str(tmp_path / "x" / "a.png"), "--classes", "a",
+                 "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "same output names" in capsys.readouterr().err
+
+
+def test_missing_weights_say_how_to_supply_them(images, tmp_path, capsys):
+    code = main(["segment", str(images / "a.jpg"), "--classes", "a, b", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "CLIP weights ViT-B-16 / openai could not be loaded" in err[0] and "--clip-weights" in err[0]
+    assert "HF_HUB_OFFLINE" in err[0]
+
+
+def test_fp16_on_cpu_is_refused(images, tmp_path, capsys):
+    assert main(["segment", str(images / "a.jpg"), "--classes", "a", "--device", "cpu", "--precision", "fp16",
+                 "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_local_clip_weights_are_loaded(images, tmp_path):
+    """A local checkpoint replaces the hub: the output equals the model the file came from."""
+    import torch
+    from safetensors.torch import save_file
+
+    from proxyclip.clip import load_clip
+
+    model, _ = tiny_clip(seed=3)
+    path = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded, _ = load_clip(TINY_CLIP, None, weights=str(path))
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_pickled_code_in_a_checkpoint_is_never_executed(images, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": Evil()}, fh)
+    code = main(["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(tmp_path / "o"),
+                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--vfm", "dino_vits16"])
+    assert code == 2
+    assert not marker.exists()
+    assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_vfm_weights_from_a_local_file(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from proxyclip.vfm import VFM_BUILDERS
+
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0)
+    path = tmp_path / "dino.safetensors"
+    save_file(ref.state_dict(), str(path))
+    vfm = VFM_BUILDERS["dino_vits16"](weights=str(path))
+    torch.testing.assert_close(vfm.model.pos_embed, ref.pos_embed)
+    feats = vfm(torch.randn(1, 3, 64, 96))
+    assert feats.shape == (1, 384, 4, 6)
+
+
+def test_missing_vfm_weights():
+    from proxyclip.errors import WeightsError
+    from proxyclip.vfm import VFM_BUILDERS
+
+    with pytest.raises(WeightsError, match="--vfm-weights"):
+        VFM_BUILDERS["dino_vits16"]()
+
+
+@pytest.mark.parametrize("command", [[], ["segment"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: proxyclip" in out
+    if command:
+        for option in ("--classes", "--clip-weights", "--vfm-weights", "--beta", "--gamma", "--window", "--stride",
+                       "--bg-threshold", "--device", "--precision", "--random-weights", "--save-probs"):
+            assert option in out

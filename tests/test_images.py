@@ -1,0 +1,125 @@
+"""Image reading edge cases and the protocol's resize rule."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from proxyclip.errors import ImageError
+from proxyclip.images import label_image, load_image, overlay_image, palette, rescaled_size, resize_keep_ratio, write_atomically
+
+
+def save(tmp_path, img: Image.Image, name: str, **kw):
+    path = tmp_path / name
+    img.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "mode,name",
+    [("L", "g.png"), ("RGBA", "a.png"), ("P", "p.png"), ("CMYK", "c.jpg"), ("1", "b.png"), ("LA", "la.png"), ("RGB", "x.webp")],
+)
+def test_modes_become_rgb(tmp_path, mode, name):
+    img = Image.new(mode, (7, 5))
+    out = load_image(save(tmp_path, img, name))
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+
+
+def test_16_bit_is_scaled(tmp_path):
+    arr = np.full((4, 6), 65535, dtype=np.uint16)
+    arr[0, 0] = 0
+    path = save(tmp_path, Image.fromarray(arr), "d.png")
+    out = load_image(path)
+    assert out[1, 1].tolist() == [255, 255, 255] and out[0, 0].tolist() == [0, 0, 0]
+
+
+def test_alpha_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (3, 3), (0, 0, 0, 0))
+    assert load_image(save(tmp_path, img, "t.png"))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    path = save(tmp_path, img, "r.jpg", exif=exif)
+    assert load_image(path).shape == (40, 20, 3)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "text.jpg").write_text("hello")
+    with pytest.raises(ImageError, match="text.jpg"):
+        load_image(tmp_path / "text.jpg")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="folder"):
+        load_image(tmp_path)
+    good = save(tmp_path, Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "t.jpg")
+    data = good.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        load_image(tmp_path / "truncated.jpg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError):
+        load_image(tmp_path / "empty.png")
+
+
+def test_arrays_and_pil_images():
+    assert load_image(np.zeros((3, 4), np.uint8)).shape == (3, 4, 3)
+    assert load_image(np.ones((3, 4, 3), np.float32))[0, 0].tolist() == [255, 255, 255]
+    assert load_image(Image.new("L", (4, 3))).shape == (3, 4, 3)
+    with pytest.raises(ImageError):
+        load_image(np.zeros((3, 4, 5), np.uint8))
+    with pytest.raises(ImageError):
+        load_image(np.zeros((0, 4, 3), np.uint8))
+
+
+def test_rescale_rule():
+    assert rescaled_size(375, 500, 336, 2048) == (336, 448)
+    assert rescaled_size(1024, 2048, 448, 2048) == (448, 896)
+    assert rescaled_size(100, 5000, 336, 2048) == (41, 2048)  # the long side caps the scale
+    assert rescaled_size(1, 1, 336, 2048) == (336, 336)
+
+
+def test_resize_matches_bilinear_without_antialias():
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, (3, 375, 500), dtype=np.uint8))
+    out = resize_keep_ratio(pixels, 336, 2048)
+    assert out.shape == (3, 336, 448) and out.dtype == torch.uint8
+    ref = torch.nn.functional.interpolate(pixels[None].float(), size=(336, 448), mode="bilinear", align_corners=False)
+    assert (out.float() - ref[0]).abs().max() <= 0.5
+
+
+def test_label_png_round_trip(tmp_path):
+    labels = np.array([[0, 1], [2, 20]])
+    img = label_image(labels)
+    assert img.mode == "P"
+    img.save(tmp_path / "l.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "l.png")), labels)
+    big = label_image(np.array([[0, 300]]))
+    assert np.asarray(big).tolist() == [[0, 300]]
+
+
+def test_palette_is_voc():
+    assert palette(3).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+    assert len({tuple(c) for c in palette(256)}) == 256
+
+
+def test_overlay_has_legend_width():
+    image = np.zeros((50, 60, 3), np.uint8)
+    labels = np.zeros((50, 60), np.int64)
+    labels[:, 30:] = 2
+    out = overlay_image(image, labels, ["sky", "tree", "a long class name"])
+    assert out.height >= 50 and out.width > 60 + 50
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    class Broken:
+        pass
+
+    good = tmp_path / "a.png"
+    with pytest.raises(Exception):
+        write_atomically({good: Image.new("RGB", (2, 2)), tmp_path / "b.npy": Broken()})
+    assert list(tmp_path.iterdir()) == []
+    write_atomically({good: Image.new("RGB", (2, 2)), tmp_path / "b.npy": np.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.npy"]

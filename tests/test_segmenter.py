@@ -1,0 +1,165 @@
+"""The segmenter on tiny random models: properties of the method and of the API."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from torch import nn
+
+from proxyclip import ProxyCLIPConfig
+from proxyclip.errors import ProxyCLIPError
+
+
+class RegionVFM(nn.Module):
+    """A stand-in VFM whose patch tokens encode image regions exactly (one-hot region ids)."""
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, regions: torch.Tensor, num_regions: int):
+        super().__init__()
+        self.register_buffer("onehot", F.one_hot(regions, num_regions).permute(2, 0, 1).float())  # K x h x w
+
+    def forward(self, images):
+        return self.onehot.expand(images.shape[0], -1, -1, -1)
+
+
+def region_map(h: int, w: int) -> torch.Tensor:
+    regions = torch.zeros(h, w, dtype=torch.long)
+    regions[: h // 2, w // 3 :] = 1
+    regions[h // 2 :, : w // 2] = 2
+    regions[h - 3 :, w - 4 :] = 3
+    return regions
+
+
+def test_labels_are_constant_within_each_region():
+    """With region-exact proxy attention every patch of a region gets the same feature."""
+    grid = 14  # a 112 px window with an 8 px VFM patch
+    regions = region_map(grid, grid)
+    model = tiny_model(vfm=RegionVFM(regions, 4), window=112, stride=112)
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 112, 112)
+    feats = model.window_features(image)[0]  # E x 14 x 14
+    for r in range(4):
+        inside = feats[:, regions == r]  # E x n
+        torch.testing.assert_close(inside, inside[:, :1].expand_as(inside))
+    # so the labels are constant inside each region, away from its border (bilinear upsampling)
+    text = model.encode_classes(["a", "b", "c", "d", "e"])
+    labels, _ = model.classify(model.predict_logits(image[0], text), ["a", "b", "c", "d", "e"])
+    pixel_regions = regions.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    eroded = -F.max_pool2d(-(pixel_regions[None, None].float()), 17, 1, 8)[0, 0]
+    dilated = F.max_pool2d(pixel_regions[None, None].float(), 17, 1, 8)[0, 0]
+    interior = eroded == dilated  # pixels at least 8 px from another region
+    for r in range(4):
+        inside = labels[interior & (pixel_regions == r)]
+        if inside.numel():
+            assert inside.unique().numel() == 1
+
+
+def test_batched_windows_equal_one_window_at_a_time(model):
+    torch.manual_seed(0)
+    windows = torch.randn(5, 3, 112, 112)
+    text = model.encode_classes(["cat", "dog", "sky"])
+    batched = model.window_logits(windows, text)
+    single = torch.cat([model.window_logits(w[None], text) for w in windows])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+
+
+def test_segment_shapes_and_probabilities(model, rng):
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    result = model.segment(image, ["cat; kitten", "dog", "sky"])
+    assert result.labels.shape == (70, 90) and result.labels.dtype == np.int64
+    assert result.probs.shape == (3, 70, 90)
+    assert result.labels.min() >= 0 and result.labels.max() < 3
+    assert np.array_equal(result.labels, result.probs.argmax(0))
+    assert (result.probs <= 1 + 1e-6).all()
+
+
+def test_synonyms_take_the_max_after_the_softmax(model):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 7)
+    labels, probs = model.classify(logits, ["a; b", "c", "d"])
+    soft = (logits * 40).softmax(0)
+    torch.testing.assert_close(probs, torch.stack([soft[:2].amax(0), soft[2], soft[3]]))
+    assert torch.equal(labels, probs.argmax(0))
+
+
+def test_background_threshold_sets_class_zero(model):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 8, 8) * 0.01  # near-uniform probabilities, all below 0.9
+    plain, probs = model.classify(logits, ["bg", "x", "y"])
+    assert (plain != 0).any()
+    thresholded, _ = model.with_config(bg_threshold=0.9).classify(logits, ["bg", "x", "y"])
+    assert (thresholded == 0).all()
+    some, _ = model.with_config(bg_threshold=float(probs.amax(0).median())).classify(logits, ["bg", "x", "y"])
+    assert (some == 0).sum() > (plain == 0).sum()
+
+
+def test_text_embeddings_are_cached(model):
+    a = model.encode_classes(["cat", "dog"])
+    assert model.encode_classes(["cat", "dog"]) is a
+    assert model.with_config(beta=1.0).encode_classes(["cat", "dog"]) is a
+    assert model.encode_classes(["dog", "cat"]) is not a
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 300), (57, 111), (120, 130)])
+def test_any_image_size(model, rng, size):
+    image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    assert model.segment(image, ["a", "b"]).labels.shape == size
+
+
+def test_resize_rule_keeps_output_at_original_size(rng):
+    model = tiny_model(short_side=112, long_side=400)
+    image = rng.integers(0, 256, (50, 300, 3), dtype=np.uint8)
+    assert model.preprocess(image).shape == (3, 67, 400)
+    assert model.segment(image, ["a", "b"]).labels.shape == (50, 300)
+
+
+@pytest.mark.parametrize("method", ["maskclip", "clip"])
+def test_baselines_run_without_vfm(method, rng):
+    model = tiny_model(method=method)
+    assert model.vfm is None
+    feats = model.window_features(torch.randn(2, 3, 112, 112))
+    assert feats.shape[-2:] == (7, 7)  # CLIP's own grid
+    assert model.segment(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8), ["a", "b"]).labels.shape == (40, 50)
+
+
+def test_maskclip_equals_proxyclip_with_identity_attention():
+    """MaskCLIP is proxy attention where each patch attends only to itself."""
+
+    class OneHotVFM(nn.Module):
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+        def forward(self, images):  # one distinct token per CLIP patch
+            n = images.shape[-1] // 16
+            return torch.eye(n * n).view(n * n, n, n).expand(images.shape[0], -1, -1, -1)
+
+    proxy = tiny_model(vfm=OneHotVFM())
+    mask = proxy.with_config(method="maskclip")
+    x = torch.randn(2, 3, 112, 112)
+    torch.testing.assert_close(proxy.window_features(x), mask.window_features(x))
+
+
+def test_bfloat16_runs_and_stays_close(rng):
+    model = tiny_model()
+    image = torch.randn(3, 112, 150)
+    text = model.encode_classes(["a", "b", "c"])
+    ref = model.predict_logits(image, text)
+    model.clip_model.to(torch.bfloat16)
+    model.vfm.to(torch.bfloat16)
+    low = model.predict_logits(image, model.encode_classes(["a", "b", "c"]).to(torch.bfloat16))
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.05
+
+
+def test_config_validation():
+    with pytest.raises(ProxyCLIPError, match="VFM"):
+        ProxyCLIPConfig(vfm="dino_vitz99")
+    with pytest.raises(ProxyCLIPError, match="stride"):
+        ProxyCLIPConfig(window=112, stride=200)
+    with pytest.raises(ProxyCLIPError, match="threshold"):
+        ProxyCLIPConfig(bg_threshold=1.5)
+    with pytest.raises(ProxyCLIPError, match="method"):
+        ProxyCLIPConfig(method="sclip")
+    with pytest.raises(ProxyCLIPError, match="new weights"):
+        tiny_model().with_config(vfm="dino_vits16")
