@@ -44,6 +44,8 @@ class TimmViT(nn.Module):
         if self.input_size is not None:
             size = (self.input_size, self.input_size)
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        p = self.patch_size
+        images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]  # as a strided conv floors
         m = self.model
         if self.pos_recipe is None:
             out = m.forward_intermediates(
