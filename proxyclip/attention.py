@@ -33,9 +33,10 @@ def normalised_similarity(feats: torch.Tensor, beta: float, gamma: float) -> tor
         gamma: scale factor (3.0 in the paper).
 
     Returns:
-        A: B x L x L, L = h * w, in the dtype of ``feats``; the mean is taken per window.
+        A: B x L x L float32, L = h * w; the mean is taken per window. It is computed in
+        float32 whatever the features' dtype, since the mask of eq. 7 is a hard threshold.
     """
-    x = F.normalize(feats.flatten(2), dim=1)  # B x C x L
+    x = F.normalize(feats.float().flatten(2), dim=1)  # B x C x L
     sim = torch.bmm(x.transpose(1, 2), x)  # B x L x L
     mean = sim.mean(dim=(1, 2), keepdim=True)  # B x 1 x 1, one statistic per window
     return (sim - beta * mean) * gamma

@@ -7,7 +7,6 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import ImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -190,7 +190,7 @@ class ProxyCLIP(nn.Module):
         logits = torch.einsum("nehw,qe->nqhw", feats, text)  # N x Q x h' x w'
         return F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_logits(
         self, image: torch.Tensor, text: torch.Tensor, out_size: tuple[int, int] | None = None
     ) -> torch.Tensor:
@@ -206,21 +206,42 @@ class ProxyCLIP(nn.Module):
         """
         if image.dim() == 4:
             if image.shape[0] != 1:
-                raise ValueError("predict_logits takes one image; loop over a batch")
+                raise ValueError("predict_logits takes one image; use predict_logits_batch for several")
             image = image[0]
+        return self.predict_logits_batch([image], text, [out_size])[0]
+
+    @torch.inference_mode()
+    def predict_logits_batch(
+        self,
+        images: Sequence[torch.Tensor],
+        text: torch.Tensor,
+        out_sizes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`predict_logits` for several images, their windows sharing forward passes.
+
+        Args:
+            images: 3 x H_i x W_i CLIP-normalised tensors (sizes may differ).
+            out_sizes: per image, the size to resize its logits to, or None.
+
+        Returns:
+            For each image, Q x H0_i x W0_i float32 logits; equal to one image at a time.
+        """
         cfg = self.config
-        logits = slide_logits(
-            image.to(self.device),
+        all_logits = slide_logits(
+            [image.to(self.device) for image in images],
             lambda w: self.window_logits(w, text),
             num_outputs=text.shape[0],
             window=cfg.window,
             stride=cfg.stride,
             pad_multiple=cfg.pad_multiple,
             batch_size=cfg.window_batch,
-        )  # Q x H x W
-        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
-            logits = F.interpolate(logits[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-        return logits
+        )  # [Q x H_i x W_i]
+        out_sizes = out_sizes or [None] * len(images)
+        return [
+            logits if size is None or tuple(size) == tuple(logits.shape[-2:])
+            else F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+            for logits, size in zip(all_logits, out_sizes)
+        ]
 
     def classify(self, logits: torch.Tensor, classes: ClassList | Sequence[str | Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cosine logits -> labels and class probabilities.
@@ -254,7 +275,7 @@ class ProxyCLIP(nn.Module):
         pixels = pixels.to(self.device, torch.float32) / 255.0
         return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def segment(self, image: ImageInput, classes: ClassList | Sequence[str | Sequence[str]]) -> Segmentation:
         """Segment one image into ``classes``.
 

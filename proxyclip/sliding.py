@@ -3,12 +3,13 @@
 Windows that would run past the border are shifted back inside it; a window cut from an image
 smaller than the window is zero-padded (in CLIP-normalised space), evenly on both sides, up to a
 multiple of ``pad_multiple`` pixels, and the padding is cut off its logits. Logits of overlapping
-windows are averaged. All windows of an image have one size, so they run as one batch.
+windows are averaged. All windows of an image have one size, so they run as one batch, and the
+windows of several images of the same window size share batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,35 +59,43 @@ def crop_windows(image: torch.Tensor, boxes: list[Box], pad_multiple: int) -> tu
 
 
 def slide_logits(
-    image: torch.Tensor,
+    images: Sequence[torch.Tensor],
     window_fn: Callable[[torch.Tensor], torch.Tensor],
     num_outputs: int,
     window: int,
     stride: int,
     pad_multiple: int = 56,
     batch_size: int = 16,
-) -> torch.Tensor:
-    """Average the window logits of one image over the windows that cover each pixel.
+) -> list[torch.Tensor]:
+    """Average window logits over the windows that cover each pixel, for several images.
+
+    The windows of all images are pooled and run through ``window_fn`` in batches of
+    ``batch_size`` (windows of one padded size per batch); every statistic of the method is
+    per window, so the batching changes no result.
 
     Args:
-        image: 3 x H x W, CLIP-normalised.
+        images: 3 x H_i x W_i tensors, CLIP-normalised.
         window_fn: N x 3 x h x w windows -> N x Q x h x w logits (at the window's size).
         num_outputs: Q.
-        batch_size: windows per call of ``window_fn`` (statistics stay per window).
 
     Returns:
-        Q x H x W float32 logits.
+        For each image, Q x H_i x W_i float32 logits.
     """
-    _, height, width = image.shape
-    boxes = window_boxes(height, width, window, stride)
-    crops, (left, _, top, _) = crop_windows(image, boxes, pad_multiple)
-    h, w = boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2]
-    total = image.new_zeros((num_outputs, height, width), dtype=torch.float32)
-    count = image.new_zeros((1, height, width), dtype=torch.float32)
-    for start in range(0, len(boxes), batch_size):
-        logits = window_fn(crops[start : start + batch_size]).float()  # n x Q x h' x w'
-        logits = logits[:, :, top : top + h, left : left + w]  # n x Q x h x w
-        for (y1, y2, x1, x2), window_logit in zip(boxes[start : start + batch_size], logits):
-            total[:, y1:y2, x1:x2] += window_logit
-            count[:, y1:y2, x1:x2] += 1
-    return total / count
+    totals, counts, groups = [], [], {}
+    for i, image in enumerate(images):
+        _, height, width = image.shape
+        boxes = window_boxes(height, width, window, stride)
+        crops, pad = crop_windows(image, boxes, pad_multiple)
+        totals.append(image.new_zeros((num_outputs, height, width), dtype=torch.float32))
+        counts.append(image.new_zeros((1, height, width), dtype=torch.float32))
+        group = groups.setdefault((tuple(crops.shape[-2:]), pad), ([], []))
+        group[0].append(crops)  # n_i x 3 x h' x w'
+        group[1].extend((i, box) for box in boxes)
+    for (_, (left, _, top, _)), (crops, owners) in groups.items():
+        crops = torch.cat(crops)  # N x 3 x h' x w'
+        for start in range(0, len(owners), batch_size):
+            logits = window_fn(crops[start : start + batch_size]).float()  # n x Q x h' x w'
+            for (i, (y1, y2, x1, x2)), logit in zip(owners[start : start + batch_size], logits):
+                totals[i][:, y1:y2, x1:x2] += logit[:, top : top + y2 - y1, left : left + x2 - x1]
+                counts[i][:, y1:y2, x1:x2] += 1
+    return [total / count for total, count in zip(totals, counts)]

@@ -6,7 +6,15 @@ import torch
 from PIL import Image
 
 from proxyclip.errors import ImageError
-from proxyclip.images import label_image, load_image, overlay_image, palette, rescaled_size, resize_keep_ratio, write_atomically
+from proxyclip.images import (
+    label_image,
+    load_image,
+    overlay_image,
+    palette,
+    rescaled_size,
+    resize_keep_ratio,
+    write_atomically,
+)
 
 
 def save(tmp_path, img: Image.Image, name: str, **kw):
@@ -118,7 +126,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         pass
 
     good = tmp_path / "a.png"
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="pickle"):
         write_atomically({good: Image.new("RGB", (2, 2)), tmp_path / "b.npy": Broken()})
     assert list(tmp_path.iterdir()) == []
     write_atomically({good: Image.new("RGB", (2, 2)), tmp_path / "b.npy": np.zeros(3)})

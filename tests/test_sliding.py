@@ -51,7 +51,7 @@ def test_overlaps_are_averaged():
             -1, 1, *crops.shape[-2:]
         )
 
-    out = slide_logits(image, window_fn, num_outputs=1, window=8, stride=2, pad_multiple=8, batch_size=2)
+    (out,) = slide_logits([image], window_fn, num_outputs=1, window=8, stride=2, pad_multiple=8, batch_size=2)
     boxes = window_boxes(8, 12, 8, 2)
     expected = torch.zeros(1, 8, 12)
     count = torch.zeros(1, 8, 12)
@@ -69,3 +69,15 @@ def test_batch_size_does_not_change_results(model):
     one = model.with_config(window_batch=1).predict_logits(image, text)
     many = model.with_config(window_batch=64).predict_logits(image, text)
     torch.testing.assert_close(one, many, rtol=0, atol=1e-5)
+
+
+def test_windows_of_several_images_share_batches_without_changing_results(model):
+    torch.manual_seed(0)
+    images = [torch.randn(3, 150, 260), torch.randn(3, 112, 112), torch.randn(3, 40, 70), torch.randn(3, 200, 130)]
+    text = model.encode_classes(["a", "b", "c"])
+    sizes = [(75, 130), None, (40, 70), (210, 100)]
+    together = model.with_config(window_batch=5).predict_logits_batch(images, text, sizes)
+    for image, size, joint in zip(images, sizes, together):
+        alone = model.predict_logits(image, text, size)
+        assert joint.shape == alone.shape
+        torch.testing.assert_close(joint, alone, rtol=0, atol=1e-5)
