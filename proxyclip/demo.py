@@ -1,0 +1,640 @@
+"""``proxyclip demo``: a browser demo (Gradio) -- upload an image, name the classes, see the segmentation.
+
+Two layers, so the logic is testable without a browser or even without Gradio:
+
+- :class:`DemoApp` does the work: it checks the inputs against :class:`DemoLimits`, picks the
+  models from a :class:`ModelStore` (each CLIP and VFM is loaded once, on first use, and kept),
+  segments under a lock (one request at a time), and returns a :class:`DemoResult`. Bad input
+  raises a :class:`~proxyclip.errors.ProxyCLIPError` whose message is meant for the page.
+- :func:`build_ui` lays out the Gradio page and turns those errors into ``gr.Error`` messages;
+  :func:`run_demo` is the CLI sub-command. Gradio is imported only there (the ``web`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .classes import ClassList, parse_classes
+from .errors import ClassNamesError, ImageError, ProxyCLIPError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "data"
+EXAMPLES_DIR = DATA_DIR / "examples"
+WEB_EXTRA_HINT = "install the web extra: pip install 'proxyclip[web]'"
+
+# Vocabularies offered in the page: label -> dataset preset key (proxyclip.presets), whose class-names
+# file (proxyclip/data/classnames/KEY.txt) and background threshold are used.
+VOCABULARIES = {
+    "PASCAL VOC (21 classes)": "voc21",
+    "COCO-Object (81 classes)": "coco_object",
+    "COCO-Stuff (171 classes)": "coco_stuff",
+    "ADE20K (150 classes)": "ade20k",
+    "Cityscapes (19 classes)": "cityscapes",
+}
+CUSTOM = "Custom"
+
+METHODS = {"proxyclip": "ProxyCLIP", "maskclip": "MaskCLIP", "clip": "vanilla CLIP"}
+COMPARE_ORDER = ("clip", "maskclip", "proxyclip")
+MASK_OPACITY = 0.6  # of the class colours over the image in the page
+
+# (image file in data/examples, classes) shown under the inputs.
+EXAMPLES = (
+    ("house.jpg", "sky, cloud, sun, grass, house; building, roof, tree, door, window, path"),
+    ("beach.jpg", "sky, sea; ocean, sand; beach, sun, boat; sailboat, umbrella, towel"),
+)
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """What one request may ask for; shown in the page."""
+
+    max_upload_mb: float = 20.0  # upload size (Gradio refuses larger files; checked again here)
+    max_side: int = 4096  # images with a longer side are refused
+    work_side: int = 1024  # images with a longer side are downscaled to it first; outputs have that size
+    max_classes: int = 200  # classes per request (the largest preset, COCO-Stuff, has 171)
+    max_names: int = 1000  # names per request, synonyms included
+    max_text: int = 20000  # characters in the classes box
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def describe(self) -> str:
+        """One line for the page."""
+        return (f"files up to {self.max_upload_mb:g} MB; images up to {self.max_side} px a side (larger ones are "
+                f"refused, ones over {self.work_side} px are downscaled to {self.work_side} px); "
+                f"up to {self.max_classes} classes")
+
+
+class DemoInputError(ProxyCLIPError):
+    """A request the demo cannot serve (limits, unknown choices); the message is for the page."""
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def vocabulary(label: str) -> tuple[ClassList, tuple[str, ...], float]:
+    """A preset vocabulary: its classes, their display names and the preset's background threshold.
+
+    Classes whose first name is a bag of background words (VOC, COCO-Object: class 0 with a
+    background threshold) are shown as "background".
+    """
+    from .presets import get_preset
+
+    if label not in VOCABULARIES:
+        raise DemoInputError(f"unknown vocabulary {label!r}; choose one of {', '.join(VOCABULARIES)}")
+    preset = get_preset(VOCABULARIES[label])
+    classes = preset.class_list()
+    names = list(classes.display_names)
+    if preset.bg_threshold > 0:
+        names[0] = "background"
+    return classes, tuple(names), preset.bg_threshold
+
+
+def format_classes(classes: ClassList) -> str:
+    """One class a line, synonyms separated by "; " (what :func:`parse_class_text` reads back)."""
+    return "\n".join("; ".join(names) for names in classes.names)
+
+
+def parse_class_text(text: str) -> ClassList:
+    """Classes separated by commas or new lines, synonyms of one class by semicolons."""
+    if not text or not text.strip():
+        raise ClassNamesError("name at least one class, e.g. 'sky, grass, house; building', or pick a vocabulary")
+    lines = [line.strip().strip(",") for line in text.splitlines()]
+    return parse_classes(", ".join(line for line in lines if line))
+
+
+def read_upload(path: str | os.PathLike, limits: DemoLimits) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read an uploaded image within the limits.
+
+    Returns:
+        H x W x 3 uint8 RGB pixels, downscaled so the long side is at most ``limits.work_side``,
+        and the original (width, height).
+
+    Raises:
+        ImageError: the file is too big, not an image, or has too many pixels.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ImageError("the uploaded file is gone; upload it again") from None
+    if size > limits.max_upload_bytes:
+        raise ImageError(f"the file has {size / 2**20:.1f} MB; the limit is {limits.max_upload_mb:g} MB")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except Image.DecompressionBombError:
+        raise ImageError(f"the image has too many pixels; the limit is {limits.max_side} px a side") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ImageError("the file is not an image (or not a format Pillow reads); upload a JPEG, PNG or WebP") from None
+    if max(width, height) > limits.max_side:
+        raise ImageError(f"the image is {width} x {height} px; the limit is {limits.max_side} px a side: "
+                         "downscale it first")
+    from .images import load_image
+
+    try:
+        pixels = load_image(path)
+    except ImageError as exc:
+        raise ImageError(str(exc).replace(str(path), "the uploaded file")) from None
+    h, w = pixels.shape[:2]
+    if max(h, w) > limits.work_side:
+        scale = limits.work_side / max(h, w)
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        pixels = np.asarray(Image.fromarray(pixels).resize(new, Image.Resampling.LANCZOS))
+    return pixels, (width, height)
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+class ModelStore:
+    """The CLIPs and VFMs a demo offers; each is loaded once, on first use, and kept.
+
+    Args:
+        base: a built ProxyCLIP (method "proxyclip"): its CLIP and VFM are the defaults, its
+            config, device and dtype are used for every other pair.
+        clip_loaders: more CLIPs, name -> (pretrained tag, function returning (model, tokenizer)).
+        vfm_loaders: more VFMs, name -> function returning the VFM module.
+    """
+
+    def __init__(self, base, clip_loaders: dict[str, tuple[str, Callable[[], tuple]]] | None = None,
+                 vfm_loaders: dict[str, Callable[[], object]] | None = None):
+        if base.vfm is None:
+            raise ProxyCLIPError("the demo's model must be built with method 'proxyclip' (it needs the VFM)")
+        cfg = base.config
+        self.base = base
+        self._clip_loaders = {cfg.clip: (cfg.clip_pretrained, None), **(clip_loaders or {})}
+        self._vfm_loaders = {cfg.vfm: None, **(vfm_loaders or {})}
+        self._clips = {cfg.clip: (base.clip_model, base.tokenizer)}
+        self._vfms = {cfg.vfm: base.vfm}
+        self._pairs = {(cfg.clip, cfg.vfm): base}
+
+    @property
+    def clip_names(self) -> list[str]:
+        return list(self._clip_loaders)
+
+    @property
+    def vfm_names(self) -> list[str]:
+        return list(self._vfm_loaders)
+
+    def is_loaded(self, clip: str, vfm: str) -> bool:
+        return (clip, vfm) in self._pairs
+
+    def get(self, clip: str, vfm: str):
+        """The ProxyCLIP of this CLIP and VFM, loading either on first use (not thread-safe: lock around it)."""
+        from .segmenter import ProxyCLIP
+
+        if clip not in self._clip_loaders:
+            raise DemoInputError(f"unknown CLIP {clip!r}; this demo offers {', '.join(self._clip_loaders)}")
+        if vfm not in self._vfm_loaders:
+            raise DemoInputError(f"unknown VFM {vfm!r}; this demo offers {', '.join(self._vfm_loaders)}")
+        if (clip, vfm) not in self._pairs:
+            base = self.base
+            if clip not in self._clips:
+                self._clips[clip] = self._clip_loaders[clip][1]()
+            if vfm not in self._vfms:
+                self._vfms[vfm] = self._vfm_loaders[vfm]()
+            clip_model, tokenizer = self._clips[clip]
+            config = replace(base.config, clip=clip, clip_pretrained=self._clip_loaders[clip][0], vfm=vfm)
+            model = ProxyCLIP(clip_model.to(base.dtype), tokenizer, self._vfms[vfm].to(base.dtype), config)
+            self._pairs[(clip, vfm)] = model.to(base.device)
+        return self._pairs[(clip, vfm)]
+
+
+# ---- the work --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """What the page sends besides the image and the classes."""
+
+    clip: str
+    vfm: str
+    method: str = "proxyclip"
+    beta: float = 1.2
+    gamma: float = 3.0
+    bg_threshold: float = 0.0
+    window: int = 336
+    stride: int = 112
+    compare: bool = False  # also run vanilla CLIP and MaskCLIP and show the three side by side
+
+
+@dataclass
+class DemoResult:
+    pixels: np.ndarray  # H x W x 3 uint8: the image as segmented (downscaled to the work size)
+    labels: np.ndarray  # H x W int64 class indices
+    names: tuple[str, ...]  # display name of each class, in label order
+    seconds: float  # time the segmentation took (the chosen method only)
+    summary: str  # Markdown for the page: time, sizes, classes present
+    files: list[Path]  # label PNG and overlay PNG, to download
+    comparison: list[tuple[Image.Image, str]] = field(default_factory=list)  # (overlay, caption) per method
+
+    def annotations(self) -> list[tuple[np.ndarray, str]]:
+        """(H x W float mask: MASK_OPACITY inside the class, 0 elsewhere; name) of each class present, largest first."""
+        present, counts = np.unique(self.labels, return_counts=True)
+        order = present[np.argsort(-counts, kind="stable")]
+        return [((self.labels == c) * MASK_OPACITY, self.names[c]) for c in order.tolist()]
+
+    def color_map(self) -> dict[str, str]:
+        """Class name -> "#rrggbb", the label PNG's palette colours."""
+        from .images import palette
+
+        colours = palette(len(self.names))
+        return {name: "#{:02x}{:02x}{:02x}".format(*colours[c]) for c, name in enumerate(self.names)}
+
+
+class DemoApp:
+    """Serves segmentation requests: checks them, runs the model, writes the files.
+
+    Args:
+        store: the models.
+        limits: what one request may ask for.
+        out_dir: where result files go (the newest ``keep`` requests' files are kept).
+        random_weights: the models have random weights (the page says so).
+        default_method: the method the page starts with.
+    """
+
+    def __init__(self, store: ModelStore, limits: DemoLimits | None = None, out_dir: str | Path | None = None,
+                 random_weights: bool = False, default_method: str = "proxyclip", keep: int = 32):
+        if default_method not in METHODS:
+            raise DemoInputError(f"unknown method {default_method!r}; choose one of {', '.join(METHODS)}")
+        self.store = store
+        self.limits = limits or DemoLimits()
+        self.random_weights = random_weights
+        self.default_method = default_method
+        self._owned_dir = None if out_dir else tempfile.TemporaryDirectory(prefix="proxyclip-demo-")
+        self.out_dir = Path(out_dir) if out_dir else Path(self._owned_dir.name)
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def defaults(self) -> Settings:
+        cfg = self.store.base.config
+        return Settings(clip=cfg.clip, vfm=cfg.vfm, beta=cfg.beta, gamma=cfg.gamma, bg_threshold=cfg.bg_threshold,
+                        window=cfg.window, stride=cfg.stride)
+
+    def resolve_classes(self, preset: str | None, text: str | None) -> tuple[ClassList, tuple[str, ...]]:
+        """The classes of a request: a preset vocabulary, or the text box when ``preset`` is CUSTOM/None."""
+        if preset and preset != CUSTOM:
+            classes, names, _ = vocabulary(preset)
+        else:
+            text = text or ""
+            if len(text) > self.limits.max_text:
+                raise DemoInputError(f"the class list has {len(text)} characters; the limit is {self.limits.max_text}")
+            classes = parse_class_text(text)
+            names = classes.display_names
+        if len(classes) > self.limits.max_classes:
+            raise DemoInputError(f"{len(classes)} classes given; this demo segments at most "
+                                 f"{self.limits.max_classes} classes at once")
+        if len(classes.queries) > self.limits.max_names:
+            raise DemoInputError(f"{len(classes.queries)} names given (synonyms included); the limit is "
+                                 f"{self.limits.max_names}")
+        return classes, names
+
+    def run(self, image_path: str | os.PathLike | None, preset: str | None, text: str | None,
+            settings: Settings, image_name: str | None = None) -> DemoResult:
+        """Segment one uploaded image; raises ProxyCLIPError with a message for the page."""
+        if settings.method not in METHODS:
+            raise DemoInputError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+        classes, names = self.resolve_classes(preset, text)
+        if image_path is None:
+            raise ImageError("no image: upload one, paste one, take one with the webcam, or click an example")
+        pixels, (width, height) = read_upload(image_path, self.limits)
+        with self._lock:
+            loaded = self.store.is_loaded(settings.clip, settings.vfm)
+            start = time.perf_counter()
+            pair = self.store.get(settings.clip, settings.vfm)
+            load_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            pair.encode_classes(classes)  # cached per class list: the first time costs 80 prompts a name
+            text_seconds = time.perf_counter() - start
+            methods = COMPARE_ORDER if settings.compare else (settings.method,)
+            runs = {}
+            for method in methods:
+                model = pair.with_config(method=method, beta=settings.beta, gamma=settings.gamma,
+                                         bg_threshold=settings.bg_threshold, window=int(settings.window),
+                                         stride=int(settings.stride))
+                start = time.perf_counter()
+                result = model.segment(pixels, classes)
+                runs[method] = (result.labels, time.perf_counter() - start)
+        return self._finish(pixels, (width, height), names, runs, settings, image_name,
+                            None if loaded else load_seconds, text_seconds)
+
+    def _finish(self, pixels, original_size, names, runs, settings, image_name, load_seconds,
+                text_seconds) -> DemoResult:
+        from .images import label_image, overlay_image, write_atomically
+
+        labels, seconds = runs[settings.method]
+        comparison = []
+        if settings.compare:
+            for method in COMPARE_ORDER:
+                m_labels, m_seconds = runs[method]
+                comparison.append((overlay_image(pixels, m_labels, names), f"{METHODS[method]} - {m_seconds:.2f} s"))
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(image_name or "image").stem).strip("_")[:40] or "image"
+        folder = self._new_folder()
+        files = [folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png"]
+        write_atomically({files[0]: label_image(labels), files[1]: overlay_image(pixels, labels, names)})
+
+        present, counts = np.unique(labels, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        shares = ", ".join(f"{names[present[i]]} {100 * counts[i] / labels.size:.0f}%" for i in order[:12])
+        more = f" and {len(present) - 12} more" if len(present) > 12 else ""
+        h, w = labels.shape
+        size = f"{w} x {h} px" + ("" if (w, h) == tuple(original_size) else
+                                  f" (downscaled from {original_size[0]} x {original_size[1]})")
+        vfm = f" + {settings.vfm}" if settings.method == "proxyclip" else ""
+        lines = [
+            f"**Segmented in {seconds:.2f} s** with {METHODS[settings.method]} (CLIP {settings.clip}{vfm}, "
+            f"on {self.store.base.device.type}) · {size} · {len(names)} classes, {len(present)} present",
+            f"Present: {shares}{more}.",
+        ]
+        if load_seconds is not None:
+            lines.append(f"Loading {settings.clip} + {settings.vfm} on first use took {load_seconds:.1f} s.")
+        if text_seconds >= 0.05:
+            lines.append(f"Encoding the class names took {text_seconds:.1f} s (cached for the next request).")
+        if self.random_weights:
+            lines.append("RANDOM WEIGHTS: the output is meaningless (testing only).")
+        return DemoResult(pixels, labels, tuple(names), seconds, "  \n".join(lines), files, comparison)
+
+    def _new_folder(self) -> Path:
+        self._count += 1
+        folder = self.out_dir / f"{self._count:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        old = sorted(p for p in self.out_dir.iterdir() if p.is_dir() and p.name.isdigit())[:-self.keep]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return folder
+
+
+# ---- the page --------------------------------------------------------------------------------
+
+CSS = """
+.pc-warning { background: #fff4e5; border: 1px solid #f0a33a; border-radius: 6px; padding: 2px 12px; }
+.pc-limits { color: #555; font-size: 0.92em; }
+footer { display: none !important; }
+"""
+
+INTRO = """# ProxyCLIP: open-vocabulary segmentation
+Upload a picture, name the classes you are looking for, and see every pixel assigned to one of them.
+No training: CLIP's dense features are pooled with *proxy attention* from a vision foundation model
+(DINO, DINOv2, SAM, MAE) -- [ProxyCLIP, ECCV 2024](https://arxiv.org/abs/2408.04883)."""
+
+
+def payload_path(payload, out_dir: Path) -> tuple[str | None, str | None]:
+    """An image input as Gradio sends it (without preprocessing) -> (local path, original file name).
+
+    Uploads arrive as files in Gradio's cache (checked by Gradio); a ``data:`` URL (API clients)
+    is decoded into ``out_dir``.
+    """
+    if payload is None:
+        return None, None
+    if isinstance(payload, str):
+        return payload, Path(payload).name
+    if not isinstance(payload, dict):
+        raise ImageError("the image input is not a file; upload an image")
+    name = payload.get("orig_name")
+    if payload.get("path"):
+        return payload["path"], name or Path(payload["path"]).name
+    url = payload.get("url") or ""
+    if url.startswith("data:") and "," in url:
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=False)
+        except (binascii.Error, ValueError):
+            raise ImageError("the image data is not valid base64") from None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="upload-", dir=out_dir)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return tmp, name or "image"
+    raise ImageError("no image: upload one, paste one, take one with the webcam, or click an example")
+
+
+def build_ui(app: DemoApp):
+    """The Gradio page (a ``gr.Blocks``); launch it with :func:`launch_kwargs`."""
+    import gradio as gr
+
+    d = app.defaults
+    limits = app.limits
+    with gr.Blocks(title="ProxyCLIP demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(INTRO)
+        if app.random_weights:
+            gr.Markdown("**Random weights:** this server was started with `--random-weights`, so the "
+                        "segmentations are meaningless. It is for testing the page only.",
+                        elem_classes="pc-warning")
+        gr.Markdown(f"Limits: {limits.describe()}. Requests are served one at a time, in a queue.",
+                    elem_classes="pc-limits", elem_id="pc-limits")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard", "webcam"],
+                                 height=340, elem_id="pc-image")
+                vocab = gr.Dropdown([CUSTOM, *VOCABULARIES], value=CUSTOM, label="Vocabulary",
+                                    info="Custom: type your classes below; or use a benchmark's (on a CPU, "
+                                         "a large vocabulary takes minutes the first time: 80 prompts a name)",
+                                    elem_id="pc-vocab")
+                classes = gr.Textbox(
+                    label="Classes", lines=3, max_lines=8, max_length=limits.max_text, elem_id="pc-classes",
+                    placeholder="sky, grass, house; building, tree",
+                    info="separated by commas or new lines; '; ' joins synonyms of one class (cat; kitten). "
+                         "Label PNG pixel value = position in this list, from 0.")
+                with gr.Row():
+                    clip = gr.Dropdown(app.store.clip_names, value=d.clip, label="CLIP", elem_id="pc-clip",
+                                       info="others load on first use")
+                    vfm = gr.Dropdown(app.store.vfm_names, value=d.vfm, label="VFM (proxy attention)",
+                                      elem_id="pc-vfm", info="others load on first use")
+                with gr.Accordion("Advanced settings", open=False):
+                    method = gr.Radio([(v, k) for k, v in METHODS.items()], value=app.default_method,
+                                      label="Method", info="MaskCLIP and vanilla CLIP are baselines without a VFM")
+                    compare = gr.Checkbox(False, label="Compare vanilla CLIP, MaskCLIP and ProxyCLIP side by side",
+                                          elem_id="pc-compare")
+                    beta = gr.Slider(0.0, 3.0, value=d.beta, step=0.05, label="beta (shift, eq. 6)")
+                    gamma = gr.Slider(0.0, 10.0, value=d.gamma, step=0.1, label="gamma (scale, eq. 6)")
+                    bg = gr.Slider(0.0, 1.0, value=d.bg_threshold, step=0.01, label="background threshold",
+                                   info="pixels less certain than this go to the first class; 0 = off")
+                    sizes = sorted({56, 112, 224, 336, 448, 560, 672, d.window, d.stride})
+                    window = gr.Slider(min(sizes), max(sizes), value=d.window, step=8, label="window (px)")
+                    stride = gr.Slider(min(sizes), max(sizes), value=d.stride, step=8,
+                                       label="stride (px, at most the window)")
+                button = gr.Button("Segment", variant="primary", elem_id="pc-run")
+                gr.Examples([[str(EXAMPLES_DIR / f), CUSTOM, text] for f, text in EXAMPLES],
+                            inputs=[image, vocab, classes], label="Examples (click one, then Segment)")
+            with gr.Column(scale=1):
+                result = gr.AnnotatedImage(label="Segmentation (hover a class to highlight it)", height=420,
+                                           elem_id="pc-result")
+                status = gr.Markdown(elem_id="pc-status")
+                files = gr.File(label="Downloads: label map (palette PNG) and overlay with legend",
+                                file_count="multiple", interactive=False, elem_id="pc-files")
+        gallery = gr.Gallery(label="Vanilla CLIP / MaskCLIP / ProxyCLIP", columns=3, height="auto",
+                             visible=False, elem_id="pc-compare-gallery", object_fit="contain")
+
+        def on_vocab(label):
+            if label == CUSTOM or not label:
+                return gr.Textbox(interactive=True), gr.Slider()
+            try:
+                classes_, _, threshold = vocabulary(label)
+            except ProxyCLIPError as exc:
+                raise gr.Error(str(exc), title="Cannot use this vocabulary", print_exception=False) from None
+            return gr.Textbox(value=format_classes(classes_), interactive=False), gr.Slider(value=threshold)
+
+        def on_segment(image_payload, vocab_label, text, clip_name, vfm_name, method_name, beta_, gamma_, bg_,
+                       window_, stride_, compare_):
+            try:
+                path, name = payload_path(image_payload, app.out_dir)
+                settings = Settings(clip=clip_name, vfm=vfm_name, method=method_name, beta=float(beta_),
+                                    gamma=float(gamma_), bg_threshold=float(bg_), window=int(window_),
+                                    stride=int(stride_), compare=bool(compare_))
+                out = app.run(path, vocab_label, text, settings, image_name=name)
+            except ProxyCLIPError as exc:
+                raise gr.Error(str(exc), title="Cannot segment this", print_exception=False) from None
+            except (TypeError, ValueError) as exc:
+                raise gr.Error(f"bad setting: {exc}", title="Cannot segment this", print_exception=False) from None
+            except Exception as exc:  # noqa: BLE001 -- a page shows a message, the log keeps the traceback
+                log.exception("segmentation failed")
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise gr.Error(f"segmentation failed ({type(exc).__name__}: {first[:200]}); the server log has "
+                               "the details", title="Internal error", print_exception=False) from None
+            return (
+                gr.AnnotatedImage(value=(out.pixels, out.annotations()), color_map=out.color_map()),
+                out.summary,
+                [str(p) for p in out.files],
+                gr.Gallery(value=out.comparison, visible=bool(out.comparison)),
+            )
+
+        vocab.change(on_vocab, vocab, [classes, bg], queue=False, show_progress="hidden")
+        button.click(on_segment, [image, vocab, classes, clip, vfm, method, beta, gamma, bg, window, stride, compare],
+                     [result, status, files, gallery], preprocess=False, concurrency_limit=1, api_name="segment")
+    return demo
+
+
+def launch_kwargs(app: DemoApp) -> dict:
+    """Arguments of ``Blocks.launch`` that every demo server uses: offline, limits, look."""
+    import gradio as gr
+
+    system = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica", "Arial", "sans-serif"]
+    mono = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+    return dict(
+        share=False,
+        ssr_mode=False,
+        show_error=False,
+        max_file_size=app.limits.max_upload_bytes,
+        allowed_paths=[str(EXAMPLES_DIR)],
+        theme=gr.themes.Soft(primary_hue="teal", font=system, font_mono=mono),  # local fonts: no font CDN
+        css=CSS,
+        footer_links=[],
+    )
+
+
+# ---- the sub-command -------------------------------------------------------------------------
+
+def _clip_spec(text: str) -> tuple[str, str | None, str | None]:
+    """NAME[:TAG][=FILE] -> (name, tag, file)."""
+    spec, _, weights = text.partition("=")
+    name, _, tag = spec.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME[:TAG][=FILE], e.g. ViT-L-14=clip-l14.safetensors")
+    return name, tag or None, weights or None
+
+
+def _vfm_spec(text: str) -> tuple[str, str | None]:
+    """NAME[=FILE] -> (name, file)."""
+    from .vfm import VFM_BUILDERS
+
+    name, _, weights = text.partition("=")
+    if name not in VFM_BUILDERS:
+        raise argparse.ArgumentTypeError(f"unknown VFM {name!r}; choose one of {', '.join(sorted(VFM_BUILDERS))}")
+    return name, weights or None
+
+
+def add_demo_parser(sub) -> None:
+    """Register ``proxyclip demo`` on the CLI's sub-parsers."""
+    from .cli import add_inference_args, add_model_args
+
+    p = sub.add_parser(
+        "demo",
+        help="browser demo: upload an image, name the classes, see the segmentation",
+        description="Serve a web page (Gradio; needs the web extra: pip install 'proxyclip[web]') where one "
+                    "uploads an image, names classes or picks a benchmark vocabulary, and sees the segmentation, "
+                    "with the label PNG to download and a side-by-side view of vanilla CLIP / MaskCLIP / ProxyCLIP. "
+                    "The models are loaded once at start; requests run one at a time. Runs offline with local "
+                    "weight files (--clip-weights, --vfm-weights). Stop it with Ctrl-C.",
+    )
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 serves other machines too (default: %(default)s)")
+    g.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    g.add_argument("--queue-size", type=int, default=32,
+                   help="requests that may wait in the queue; more are refused (default: %(default)s)")
+    g.add_argument("--add-clip", action="append", default=[], type=_clip_spec, metavar="NAME[:TAG][=FILE]",
+                   help="offer another CLIP in the page, loaded on first use (repeatable), e.g. "
+                        "ViT-L-14=clip-l14.safetensors; TAG defaults as for --clip-pretrained")
+    g.add_argument("--add-vfm", action="append", default=[], type=_vfm_spec, metavar="NAME[=FILE]",
+                   help="offer another VFM in the page, loaded on first use (repeatable), e.g. "
+                        "dinov2_vitb14_reg=dinov2.safetensors")
+    lim = p.add_argument_group("limits (shown in the page)")
+    lim.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default: %(default)s)")
+    lim.add_argument("--max-side", type=int, default=4096,
+                     help="images with a longer side are refused (default: %(default)s)")
+    lim.add_argument("--work-side", type=int, default=1024,
+                     help="images with a longer side are downscaled to it before segmenting; the outputs "
+                          "have that size (default: %(default)s)")
+    lim.add_argument("--max-classes", type=int, default=200, help="classes per request (default: %(default)s)")
+    add_model_args(p)
+    add_inference_args(p)
+    p.set_defaults(func=run_demo)
+
+
+def make_app(args: argparse.Namespace) -> DemoApp:
+    """Build the models the options name (the defaults now, the --add-* ones on first use) and the app."""
+    from functools import partial
+
+    from .cli import build_model, config_from_args
+    from .clip import CLIP_MODELS, load_clip
+    from .vfm import VFM_BUILDERS
+
+    if min(args.max_upload_mb, args.max_side, args.work_side, args.max_classes, args.queue_size) <= 0:
+        raise ProxyCLIPError("--max-upload-mb, --max-side, --work-side, --max-classes and --queue-size must be positive")
+    config = config_from_args(args)
+    base = build_model(args, replace(config, method="proxyclip"))
+    clips = {name: (tag or CLIP_MODELS.get(name, "openai"),
+                    partial(load_clip, name, tag or CLIP_MODELS.get(name, "openai"), weights, args.random_weights))
+             for name, tag, weights in args.add_clip if name != config.clip}
+    vfms = {name: partial(VFM_BUILDERS[name], weights=weights, random_weights=args.random_weights,
+                          window=config.window)
+            for name, weights in args.add_vfm if name != config.vfm}
+    limits = DemoLimits(max_upload_mb=args.max_upload_mb, max_side=args.max_side, work_side=args.work_side,
+                        max_classes=args.max_classes, max_names=max(1000, 5 * args.max_classes))
+    return DemoApp(ModelStore(base, clips, vfms), limits, random_weights=args.random_weights,
+                   default_method=config.method)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no phoning home
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ProxyCLIPError(WEB_EXTRA_HINT) from None
+    print("proxyclip demo: loading models ...", file=sys.stderr)
+    app = make_app(args)
+    demo = build_ui(app)
+    demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
+    print(f"proxyclip demo: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(app))
+    except OSError as exc:  # port taken, address not available
+        raise ProxyCLIPError(f"cannot serve on {args.host}:{args.port}: {exc}; pick another --port") from None
+    return 0
