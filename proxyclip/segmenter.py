@@ -62,7 +62,7 @@ class Segmentation:
     """The result for one image, at the image's own size."""
 
     labels: np.ndarray  # H x W int64 class indices
-    probs: np.ndarray  # C x H x W float32 class probabilities (max over each class's names)
+    probs: np.ndarray | None  # C x H x W float32 class probabilities (max over a class's names); None if not asked
     classes: ClassList
 
 
@@ -88,6 +88,7 @@ class ProxyCLIP(nn.Module):
             self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
             self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self.band_elements = 2**26  # at most this many logits resized at once in segment()
 
     @classmethod
     def build(
@@ -276,12 +277,15 @@ class ProxyCLIP(nn.Module):
         return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
 
     @torch.inference_mode()
-    def segment(self, image: ImageInput, classes: ClassList | Sequence[str | Sequence[str]]) -> Segmentation:
+    def segment(
+        self, image: ImageInput, classes: ClassList | Sequence[str | Sequence[str]], return_probs: bool = True
+    ) -> Segmentation:
         """Segment one image into ``classes``.
 
         Args:
             image: a file path, a PIL image, or an H x W x 3 uint8 RGB array.
             classes: names in label order; an item may be a list of synonyms or "a; b".
+            return_probs: also return the C x H x W probabilities (memory: C x H x W x 4 bytes).
 
         Returns:
             :class:`Segmentation` at the image's original size.
@@ -289,6 +293,40 @@ class ProxyCLIP(nn.Module):
         class_list = make_class_list(classes)
         pixels = load_image(image)
         text = self.encode_classes(class_list)
-        logits = self.predict_logits(self.preprocess(pixels), text, out_size=pixels.shape[:2])
-        labels, probs = self.classify(logits, class_list)
-        return Segmentation(labels.cpu().numpy(), probs.cpu().numpy(), class_list)
+        logits = self.predict_logits(self.preprocess(pixels), text)  # Q x h x w, at the resized size
+        height, width = pixels.shape[:2]
+        labels = np.empty((height, width), dtype=np.int64)
+        probs = np.empty((len(class_list), height, width), dtype=np.float32) if return_probs else None
+        # Resize and classify in bands of rows, so a large photo never needs Q x H x W at once.
+        rows = max(1, self.band_elements // max(1, logits.shape[0] * width))
+        for top in range(0, height, rows):
+            band = resize_rows(logits, (height, width), top, min(top + rows, height))  # Q x n x W
+            band_labels, band_probs = self.classify(band, class_list)
+            labels[top : top + rows] = band_labels.cpu().numpy()
+            if probs is not None:
+                probs[:, top : top + rows] = band_probs.cpu().numpy()
+        return Segmentation(labels, probs, class_list)
+
+
+def resize_rows(logits: torch.Tensor, size: tuple[int, int], top: int, bottom: int) -> torch.Tensor:
+    """Rows ``top:bottom`` of ``F.interpolate(logits, size, mode="bilinear", align_corners=False)``.
+
+    Bilinear resizing is separable: resize the width of every source row, then blend the two
+    source rows that each output row falls between, with PyTorch's own coordinate rule.
+
+    Args:
+        logits: Q x h x w.
+
+    Returns:
+        Q x (bottom - top) x W.
+    """
+    height, width = size
+    src_h = logits.shape[1]
+    wide = F.interpolate(logits[None], size=(src_h, width), mode="bilinear", align_corners=False)[0]  # Q x h x W
+    scale = src_h / height
+    y = torch.arange(top, bottom, device=logits.device, dtype=torch.float32)
+    src = (scale * (y + 0.5) - 0.5).clamp(min=0)  # n source coordinates, float32 as PyTorch
+    y0 = src.floor().long().clamp(max=src_h - 1)
+    y1 = (y0 + 1).clamp(max=src_h - 1)
+    frac = (src - y0).to(logits.dtype).view(1, -1, 1)  # 1 x n x 1
+    return wide[:, y0] * (1 - frac) + wide[:, y1] * frac  # Q x n x W

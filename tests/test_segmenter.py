@@ -163,3 +163,24 @@ def test_config_validation():
         ProxyCLIPConfig(method="sclip")
     with pytest.raises(ProxyCLIPError, match="new weights"):
         tiny_model().with_config(vfm="dino_vits16")
+
+
+@pytest.mark.parametrize("src,dst", [((7, 9), (50, 61)), ((40, 30), (13, 17)), ((5, 5), (5, 8)), ((1, 3), (9, 4))])
+def test_resize_rows_equals_bilinear_interpolation(src, dst):
+    from proxyclip.segmenter import resize_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, *src)
+    full = F.interpolate(logits[None], size=dst, mode="bilinear", align_corners=False)[0]
+    bands = torch.cat([resize_rows(logits, dst, top, min(top + 4, dst[0])) for top in range(0, dst[0], 4)], dim=1)
+    torch.testing.assert_close(bands, full, rtol=0, atol=1e-6)
+
+
+def test_segment_in_bands_equals_segment_at_once(model, rng):
+    image = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    whole = model.segment(image, ["a; b", "c", "d"])
+    model.band_elements = 3 * 70 * 7  # bands of 7 rows
+    banded = model.segment(image, ["a; b", "c", "d"])
+    np.testing.assert_allclose(banded.probs, whole.probs, rtol=0, atol=1e-6)
+    assert (banded.labels == whole.labels).mean() > 0.999
+    assert model.segment(image, ["a", "b"], return_probs=False).probs is None
