@@ -1,0 +1,169 @@
+"""Fidelity: the fast path gives the published logits and labels (oracle: proxyclip.reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_dino, tiny_model
+from torch import nn
+
+from proxyclip import ProxyCLIP, ProxyCLIPConfig
+from proxyclip import reference as ref
+from proxyclip.attention import masked_softmax
+
+CLASSES = [["cat", "kitten"], ["dog"], ["grass", "lawn", "meadow"], ["sky"]]
+
+# (H, W) of the CLIP-normalised image; tiny models use window 112, stride 56, padding to 56.
+SIZES = {
+    "smaller-than-window": (80, 100),  # one window padded to 112 x 112
+    "non-square-padded": (50, 200),  # 56 x 112 padded windows: the published code is wrong here
+    "tiny": (20, 30),  # one window padded to 56 x 56 (CLIP grid 3 x 3 of 16-px patches)
+    "one-window": (112, 112),
+    "several-windows": (150, 223),  # not multiples of 56; windows shifted back at the borders
+    "many-windows": (300, 170),
+}
+OUT_SIZE_DELTA = (7, -3)  # logits resized to a size other than the image's, as for the original size
+
+
+def _max_diff(model: ProxyCLIP, size: tuple[int, int], seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    image = torch.randn(3, *size)  # 3 x H x W, CLIP-normalised
+    text = model.encode_classes(CLASSES)  # Q x E
+    out = (size[0] + OUT_SIZE_DELTA[0], size[1] + OUT_SIZE_DELTA[1])
+    ours = model.predict_logits(image, text, out_size=out)  # Q x H0 x W0
+    expected = ref.predict_logits(model, image, text, out)  # Q x H0 x W0
+    assert ours.shape == expected.shape == (text.shape[0], *out)
+    assert not torch.isnan(expected).any()
+    return float((ours - expected).abs().max())
+
+
+@pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
+@pytest.mark.parametrize("method", ["proxyclip", "maskclip", "clip"])
+def test_logits_match_reference(method: str, size: tuple[int, int]) -> None:
+    assert _max_diff(tiny_model(method=method), size) < 1e-5
+
+
+@pytest.mark.parametrize("size", [(80, 100), (50, 200), (20, 30), (150, 223), (300, 170)])
+def test_logits_match_reference_dino_patch16(size: tuple[int, int]) -> None:
+    """DINO with 16-px patches: VFM and CLIP grids coincide; padded windows of 56 or 168 px are
+    not multiples of 16, and both DINO and CLIP floor their grids (a strided conv drops the rest)."""
+    assert _max_diff(tiny_model(vfm=tiny_dino(patch=16)), size) < 1e-5
+
+
+@pytest.mark.parametrize(("beta", "gamma"), [(0.8, 5.0), (1.5, 1.0), (0.0, 3.0)])
+def test_logits_match_reference_other_beta_gamma(beta: float, gamma: float) -> None:
+    assert _max_diff(tiny_model(beta=beta, gamma=gamma), SIZES["several-windows"]) < 1e-5
+
+
+def test_window_batch_does_not_change_logits() -> None:
+    """Windows batched together keep per-window statistics: same as the one-at-a-time reference."""
+    size = SIZES["many-windows"]
+    assert _max_diff(tiny_model(window_batch=1), size) < 1e-5
+    assert _max_diff(tiny_model(window_batch=3), size) < 1e-5
+
+
+def test_text_embeddings_match_reference() -> None:
+    model = tiny_model()
+    queries = [q for names in CLASSES for q in names]
+    expected = ref.query_features(model.clip_model, model.tokenizer, queries)  # Q x E
+    assert (model.encode_classes(CLASSES) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_classify_matches_reference(threshold: float) -> None:
+    model = tiny_model(bg_threshold=threshold)
+    torch.manual_seed(1)
+    logits = torch.randn(7, 40, 50) * 0.1  # Q x H x W cosine logits, 7 queries for 4 classes
+    labels, probs = model.classify(logits, CLASSES)
+    expected_labels, expected_probs = ref.postprocess_result(
+        logits[None], ref.query_index(CLASSES), model.config.logit_scale, threshold
+    )
+    assert torch.equal(labels, expected_labels)
+    assert (probs - expected_probs).abs().max() < 1e-6
+    if threshold:
+        assert (labels == 0).any() and (labels != 0).any()  # the threshold did something
+
+
+@pytest.mark.parametrize("shape", [(90, 130), (300, 70), (200, 160)])
+def test_segment_matches_reference(shape: tuple[int, int]) -> None:
+    """The whole pipeline from uint8 pixels (resize included: short side 100) to labels."""
+    model = tiny_model(short_side=100, bg_threshold=0.3)
+    pixels = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)  # H x W x 3
+    pixels[:, : shape[1] // 2] //= 4  # a dark half and a bright half
+    result = model.segment(pixels, CLASSES)
+    labels, probs = ref.segment(model, pixels, CLASSES)
+    # Flat regions can make every entry of a row negative with tiny random DINOs; the published
+    # code then gives NaN (see below). These images stay clear of that.
+    assert not torch.isnan(probs).any()
+    assert result.labels.shape == shape
+    np.testing.assert_array_equal(result.labels, labels.numpy())
+    np.testing.assert_allclose(result.probs, probs.numpy(), atol=1e-5)
+    assert len(np.unique(result.labels)) > 1  # not a degenerate constant map
+
+
+# ---- rows whose every entry is masked: the published code gives NaN, ours keeps the row's max ----
+
+class ConstantVFM(nn.Module):
+    """A VFM whose patch tokens are all the unit vector e_0: S = 1 everywhere, so with beta > 1
+    every entry of A = gamma * (S - beta * mean(S)) is negative and eq. 7 masks whole rows."""
+
+    def __init__(self, patch: int = 8, channels: int = 4):
+        super().__init__()
+        self.patch_size, self.channels = patch, channels
+        self.mean, self.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        feats = images.new_zeros(b, self.channels, h // self.patch_size, w // self.patch_size)  # B x C x h x w
+        feats[:, 0] = 1.0
+        return feats
+
+
+def test_all_masked_rows_published_nan_ours_uniform(monkeypatch: pytest.MonkeyPatch) -> None:
+    vfm = ConstantVFM()
+    model = tiny_model(vfm=vfm)
+    monkeypatch.setattr(ref, "dino_features", lambda _vfm, images: vfm(images))
+    torch.manual_seed(0)
+    image = torch.randn(3, 150, 223)
+    text = model.encode_classes(CLASSES)
+    published = ref.predict_logits(model, image, text, (150, 223))
+    assert torch.isnan(published).all()  # the published code: softmax over a row of -inf
+
+    ours = model.predict_logits(image, text, out_size=(150, 223))
+    assert torch.isfinite(ours).all()
+    # Every entry of a row equals the row's max, so ours keeps them all: uniform attention, which
+    # the published code gives with beta = 0 (then A = gamma > 0 everywhere, nothing masked).
+    uniform = ref.predict_logits(model.with_config(beta=0.0), image, text, (150, 223))
+    assert (ours - uniform).abs().max() < 1e-5
+
+
+def test_masked_softmax_keeps_row_max_only_when_all_negative() -> None:
+    a = torch.tensor([[[-0.5, -0.2, -0.2, -0.9], [0.3, -0.1, 0.0, 0.7]]])  # 1 x 2 x 4
+    attn = masked_softmax(a)
+    torch.testing.assert_close(attn[0, 0], torch.tensor([0.0, 0.5, 0.5, 0.0]))
+    published = a.clone()
+    published[published < 0] = float("-inf")
+    torch.testing.assert_close(attn[0, 1], published[0, 1].softmax(-1))  # eq. 7 where a row has A >= 0
+    assert torch.isnan(published[0, 0].softmax(-1)).all()
+
+
+def test_reference_refuses_vfms_it_does_not_transcribe() -> None:
+    with pytest.raises(ValueError, match="DINO"):
+        ref.dino_features(ConstantVFM(), torch.zeros(1, 3, 56, 56))
+
+
+# ---- full-size architectures, random weights ----
+
+@pytest.mark.fullsize
+def test_fullsize_vitb16_dino_b8_matches_reference() -> None:
+    """CLIP ViT-B/16 + DINO ViT-B/8 (random weights), a 336 x 448 image: two 336-px windows."""
+    model = ProxyCLIP.build(ProxyCLIPConfig(clip="ViT-B-16", vfm="dino_vitb8"), random_weights=True)
+    torch.manual_seed(0)
+    image = torch.randn(3, 336, 448)  # after the protocol's resize (short side 336)
+    text = torch.nn.functional.normalize(torch.randn(6, 512), dim=-1)  # Q x E, random unit queries
+    ours = model.predict_logits(image, text, out_size=(375, 500))
+    expected = ref.predict_logits(model, image, text, (375, 500))
+    assert ours.shape == expected.shape == (6, 375, 500)
+    assert (ours - expected).abs().max() < 1e-4
+    assert ours.std() > 1e-3  # logits vary over the image: the comparison is not trivially 0 == 0
