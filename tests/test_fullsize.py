@@ -54,8 +54,6 @@ def test_vfm_feature_grids(name, window, grid, channels):
 
 def test_dino_positional_embedding_follows_the_published_recipe():
     """Tokens at 336 px use the DINO recipe, not timm's antialiased resize."""
-    from timm.layers import resample_abs_pos_embed
-
     from proxyclip.pos_embed import resize_pos_embed_with_cls
 
     vfm = VFM_BUILDERS["dino_vitb16"](random_weights=True)
