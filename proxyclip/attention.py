@@ -70,6 +70,32 @@ def proxy_attention(feats: torch.Tensor, beta: float = 1.2, gamma: float = 3.0) 
     return masked_softmax(normalised_similarity(feats, beta, gamma))
 
 
+# The attention of the ablations in Tables 4 and 6 of the paper; "proxy" is the method.
+ATTENTION_VARIANTS = ("proxy", "plain", "norm", "mask")
+
+
+def ablation_attention(
+    feats: torch.Tensor, variant: str, beta: float = 1.2, gamma: float = 3.0, alpha: float = 0.0
+) -> torch.Tensor:
+    """The proxy attention or one of its ablations, B x C x h x w -> B x L x L.
+
+    - "proxy": eqs. 4-8 (normalisation and masking), the method;
+    - "plain": eq. 4 alone, softmax(S) (Table 4, neither);
+    - "norm": eqs. 6 and 8 without the mask, softmax(A) (Table 4, normalisation only);
+    - "mask": eq. 9, a fixed threshold on the raw similarity: softmax over the entries with
+      S_ij >= alpha (Table 6, masking only).
+    """
+    if variant == "proxy":
+        return proxy_attention(feats, beta, gamma)
+    if variant == "plain":
+        return normalised_similarity(feats, beta=0.0, gamma=1.0).softmax(dim=-1)
+    if variant == "norm":
+        return normalised_similarity(feats, beta, gamma).softmax(dim=-1)
+    if variant == "mask":
+        return masked_softmax(normalised_similarity(feats, beta=0.0, gamma=1.0) - alpha)
+    raise ValueError(f"unknown attention variant {variant!r}; use one of {', '.join(ATTENTION_VARIANTS)}")
+
+
 def aggregate_values(attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Eq. 5 without the projection: ``Attn_p @ v`` for all heads at once.
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import clip as clip_lib
-from .attention import aggregate_values, proxy_attention
+from .attention import ATTENTION_VARIANTS, ablation_attention, aggregate_values
 from .classes import ClassList, make_class_list
 from .errors import ProxyCLIPError
 from .images import ImageInput, load_image, resize_keep_ratio
@@ -33,6 +33,8 @@ class ProxyCLIPConfig:
     method: Method = "proxyclip"  # "maskclip" / "clip": the training-free baselines, no VFM
     beta: float = 1.2  # shift of the similarity mean, eq. 6
     gamma: float = 3.0  # scale of the normalised similarity, eq. 6
+    attention: str = "proxy"  # "proxy" (eqs. 4-8), or the ablations "plain", "norm", "mask" (Tables 4, 6)
+    alpha: float = 0.0  # fixed similarity threshold of the "mask" ablation (eq. 9)
     window: int = 336  # sliding-window size (pixels, after resizing)
     stride: int = 112  # sliding-window stride
     pad_multiple: int = 56  # windows smaller than `window` are padded to a multiple of this
@@ -47,6 +49,8 @@ class ProxyCLIPConfig:
             raise ProxyCLIPError(f"unknown method {self.method!r}; use proxyclip, maskclip or clip")
         if self.method == "proxyclip" and self.vfm not in VFM_BUILDERS:
             raise ProxyCLIPError(f"unknown VFM {self.vfm!r}; choose one of {', '.join(VFM_BUILDERS)}")
+        if self.attention not in ATTENTION_VARIANTS:
+            raise ProxyCLIPError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_VARIANTS)}")
         if self.window <= 0 or self.stride <= 0 or self.window_batch <= 0 or self.pad_multiple <= 0:
             raise ProxyCLIPError("window, stride, pad multiple and window batch must be positive integers")
         if self.stride > self.window:
@@ -176,9 +180,9 @@ class ProxyCLIP(nn.Module):
                 feats = self.vfm(self.to_vfm_input(windows))  # N x C x h' x w'
                 grid = tuple(feats.shape[-2:])
                 v = F.interpolate(v, size=grid, mode="bilinear", align_corners=False)  # N x D x h' x w'
-                tokens = aggregate_values(
-                    proxy_attention(feats, self.config.beta, self.config.gamma), v.flatten(2).transpose(1, 2)
-                )  # N x L x D
+                cfg = self.config
+                attn = ablation_attention(feats, cfg.attention, cfg.beta, cfg.gamma, cfg.alpha)  # N x L x L
+                tokens = aggregate_values(attn, v.flatten(2).transpose(1, 2))  # N x L x D
             else:  # maskclip: each patch keeps its own value
                 tokens = v.flatten(2).transpose(1, 2)  # N x hw x D
             z = clip_lib.project_tokens(visual, tokens)  # N x L x E

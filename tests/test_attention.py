@@ -93,3 +93,20 @@ def test_gamma_sharpens_and_beta_sparsifies(beta, gamma):
     attn = proxy_attention(feats, beta, gamma)
     sparser = proxy_attention(feats, beta + 0.3, gamma)
     assert (sparser > 0).sum() <= (attn > 0).sum()
+
+
+def test_ablation_variants():
+    from proxyclip.attention import ablation_attention
+
+    torch.manual_seed(0)
+    feats = torch.randn(2, 16, 4, 5)
+    x = torch.nn.functional.normalize(feats.flatten(2), dim=1)
+    s = x.transpose(1, 2) @ x  # B x L x L cosine
+    torch.testing.assert_close(ablation_attention(feats, "proxy"), proxy_attention(feats))
+    torch.testing.assert_close(ablation_attention(feats, "plain"), s.softmax(-1))
+    torch.testing.assert_close(ablation_attention(feats, "norm", gamma=3.0), (3.0 * s).softmax(-1))  # shift cancels
+    masked = ablation_attention(feats, "mask", alpha=0.2)
+    expected = s.masked_fill(s < 0.2, float("-inf")).softmax(-1)
+    torch.testing.assert_close(masked, expected)
+    with pytest.raises(ValueError):
+        ablation_attention(feats, "qk")
