@@ -114,7 +114,7 @@ def format_classes(classes: ClassList) -> str:
 
 def parse_class_text(text: str) -> ClassList:
     """Classes separated by commas or new lines, synonyms of one class by semicolons."""
-    if not text or not text.strip():
+    if not re.sub(r"[\s,;]", "", text or ""):
         raise ClassNamesError("name at least one class, e.g. 'sky, grass, house; building', or pick a vocabulary")
     lines = [line.strip().strip(",") for line in text.splitlines()]
     return parse_classes(", ".join(line for line in lines if line))
@@ -488,7 +488,7 @@ def build_ui(app: DemoApp):
             try:
                 classes_, _, threshold = vocabulary(label)
             except ProxyCLIPError as exc:
-                raise gr.Error(str(exc), title="Cannot use this vocabulary", print_exception=False) from None
+                raise gr.Error(str(exc), duration=30, print_exception=False) from None
             return gr.Textbox(value=format_classes(classes_), interactive=False), gr.Slider(value=threshold)
 
         def on_segment(image_payload, vocab_label, text, clip_name, vfm_name, method_name, beta_, gamma_, bg_,
@@ -500,14 +500,14 @@ def build_ui(app: DemoApp):
                                     stride=int(stride_), compare=bool(compare_))
                 out = app.run(path, vocab_label, text, settings, image_name=name)
             except ProxyCLIPError as exc:
-                raise gr.Error(str(exc), title="Cannot segment this", print_exception=False) from None
+                raise gr.Error(str(exc), duration=30, print_exception=False) from None
             except (TypeError, ValueError) as exc:
-                raise gr.Error(f"bad setting: {exc}", title="Cannot segment this", print_exception=False) from None
+                raise gr.Error(f"bad setting: {exc}", duration=30, print_exception=False) from None
             except Exception as exc:  # noqa: BLE001 -- a page shows a message, the log keeps the traceback
                 log.exception("segmentation failed")
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 raise gr.Error(f"segmentation failed ({type(exc).__name__}: {first[:200]}); the server log has "
-                               "the details", title="Internal error", print_exception=False) from None
+                               "the details", duration=30, print_exception=False) from None
             return (
                 gr.AnnotatedImage(value=(out.pixels, out.annotations()), color_map=out.color_map()),
                 out.summary,

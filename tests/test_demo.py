@@ -58,6 +58,8 @@ def test_class_text_takes_commas_new_lines_and_synonyms():
     assert classes.names == (("cat", "kitten"), ("dog",), ("sky",), ("grass",))
     with pytest.raises(ClassNamesError, match="name at least one class"):
         parse_class_text(" \n ")
+    with pytest.raises(ClassNamesError, match="name at least one class"):
+        parse_class_text(" , ;")
     with pytest.raises(ClassNamesError, match="given twice"):
         parse_class_text("cat, dog, Cat")
 
