@@ -42,7 +42,7 @@ class ProxyCLIPConfig:
     bg_threshold: float = 0.0  # pixels whose top probability is below become class 0
     short_side: int | None = 336  # resize so the short side is this (None: no resizing) ...
     long_side: int = 2048  # ... unless the long side would exceed this
-    window_batch: int = 16  # windows per forward pass (memory, not results)
+    window_batch: int = 16  # most windows per forward pass (memory, not results; fewer for large vocabularies)
 
     def __post_init__(self) -> None:
         if self.method not in ("proxyclip", "maskclip", "clip"):
@@ -93,6 +93,7 @@ class ProxyCLIP(nn.Module):
             self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.band_elements = 2**26  # at most this many logits resized at once in segment()
+        self.batch_elements = 2**28  # at most this many window logits per forward pass
 
     @classmethod
     def build(
@@ -232,6 +233,10 @@ class ProxyCLIP(nn.Module):
             For each image, Q x H0_i x W0_i float32 logits; equal to one image at a time.
         """
         cfg = self.config
+        # Window logits are Q x window x window each: with a large vocabulary (ADE847) fewer windows
+        # share a batch, so that the logits of one batch stay within ~1 GiB.
+        per_window = text.shape[0] * cfg.window * cfg.window
+        batch = max(1, min(cfg.window_batch, self.batch_elements // per_window))
         all_logits = slide_logits(
             [image.to(self.device) for image in images],
             lambda w: self.window_logits(w, text),
@@ -239,7 +244,7 @@ class ProxyCLIP(nn.Module):
             window=cfg.window,
             stride=cfg.stride,
             pad_multiple=cfg.pad_multiple,
-            batch_size=cfg.window_batch,
+            batch_size=batch,
         )  # [Q x H_i x W_i]
         out_sizes = out_sizes or [None] * len(images)
         return [
