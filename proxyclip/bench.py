@@ -1,0 +1,459 @@
+"""``proxyclip bench``: parameters, FLOPs, speed and memory of the rows of the paper's Table 5.
+
+Rows (all on CLIP ``--clip``, default ViT-B/16, one ``--window`` x ``--window`` window each):
+
+    clip                 vanilla CLIP (the full last block on patch tokens)
+    maskclip             MaskCLIP (values of the last block, no attention)
+    proxyclip-dino-b16   ProxyCLIP with DINO ViT-B/16
+    proxyclip-dino-b8    ProxyCLIP with DINO ViT-B/8
+    whole-image          a 500 x 375 image through ``segment``'s path: preprocess + predict_logits,
+                         all its sliding windows (VFM ``--vfm``)
+
+What is measured, per row:
+
+- parameters of CLIP (image and text towers) and of the VFM;
+- FLOPs per window (per image for whole-image), counted with ``torch.utils.flop_counter``
+  (2 FLOPs per multiply-accumulate; Table 5 counts multiply-accumulates, so its "FLOPs" compare
+  with our ``gmacs``). PyTorch has no formula for the fused attention kernels that CPU inference
+  and ``nn.MultiheadAttention``'s fast path run; :data:`EXTRA_FLOP_FORMULAS` adds them;
+- windows (images) per second at batch 1 and at the best batch of ``--batches``, and latency:
+  the median over ``--iters`` timed calls after ``--warmup`` calls, the device synchronised;
+- peak memory of one call: CUDA ``max_memory_allocated`` (``peak_mib``; ``extra_mib`` is above
+  what was allocated before the call, i.e. without the weights). On the CPU: the process's peak
+  resident set (VmHWM, reset through /proc/self/clear_refs) and its rise above the resident set
+  before the call; glibc is asked to map every block of 64 KiB or more on its own, so that freed
+  activations leave the resident set (without that the rise would miss reused heap memory);
+- achieved FLOP/s at the best batch, and its fraction of a large matmul's FLOP/s measured in the
+  same run, on the same device, in the same dtype.
+
+Text embeddings are random unit vectors (``--queries`` of them; their values do not change the
+cost), made, like the models, outside the timed region.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .errors import ProxyCLIPError
+
+ROWS = ("clip", "maskclip", "proxyclip-dino-b16", "proxyclip-dino-b8", "whole-image")
+WHOLE_IMAGE = (375, 500)  # H x W: a typical PASCAL VOC photo (500 x 375)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    method: str  # ProxyCLIPConfig.method
+    vfm: str | None  # VFM_BUILDERS key, for method "proxyclip"
+    whole_image: bool = False  # one whole image (all its windows) instead of a batch of windows
+
+
+# ---- FLOP counting ----------------------------------------------------------------------------
+
+def _fused_sdpa_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args, out_shape=None, **kwargs) -> int:
+    """``aten._scaled_dot_product_flash_attention_for_cpu``: q, k, v are B x heads x L x d."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _native_mha_flops(
+    query: Sequence[int], key: Sequence[int], value: Sequence[int], embed_dim: int, num_heads: int, *args,
+    out_shape=None, **kwargs,
+) -> int:
+    """``aten._native_multi_head_attention`` (nn.MultiheadAttention's inference fast path).
+
+    q: B x Lq x D, k / v: B x Lk x D: in-projections, attention (QK^T and AV), out-projection.
+    """
+    batch, lq, dim = query[0], query[-2], query[-1]
+    lk = key[-2]
+    projections = 2 * batch * dim * embed_dim * (lq + 2 * lk) + 2 * batch * lq * embed_dim * embed_dim
+    attention = 2 * 2 * batch * lq * lk * embed_dim
+    return projections + attention
+
+
+EXTRA_FLOP_FORMULAS: dict = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_sdpa_flops,
+    torch.ops.aten._native_multi_head_attention: _native_mha_flops,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-accumulate) of the matmul-like ops ``fn`` runs (it runs once)."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ---- timing and memory ------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall time of one call of ``fn`` in seconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, iters)):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_cpu_memory_eagerly() -> bool:
+    """Ask glibc to mmap every block >= 64 KiB (M_MMAP_THRESHOLD), so freed tensors leave the RSS.
+
+    Called by the benchmark only (a process-wide setting); returns whether it took effect.
+    """
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(-3, 64 * 1024) == 1)  # -3: M_MMAP_THRESHOLD
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, float | str]:
+    """Peak memory of one call of ``fn``: absolute and above the level before the call (MiB)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_mib": peak / MIB, "extra_mib": (peak - base) / MIB, "memory_kind": "cuda max_memory_allocated"}
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    base = _proc_status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        resettable = base is not None
+    except OSError:
+        resettable = False
+    if resettable:
+        fn()
+        peak = _proc_status_kib("VmHWM")
+        return {"peak_mib": peak / 1024, "extra_mib": (peak - base) / 1024, "memory_kind": "cpu VmHWM (reset)"}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss cannot be reset: the rise is a lower bound on the call's extra memory.
+    return {"peak_mib": after / 1024, "extra_mib": (after - before) / 1024, "memory_kind": "cpu ru_maxrss (lower bound)"}
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 2, iters: int = 5) -> float:
+    """FLOP/s of an n x n by n x n matmul in ``dtype`` on ``device`` (the machine's practical peak)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = time_calls(lambda: torch.mm(a, b), device, warmup, iters)
+    return 2 * n**3 / seconds
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def count_params(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+class ModelPool:
+    """CLIP built once, each VFM once; a ProxyCLIP per row shares them."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+        from .clip import CLIP_MODELS
+        from .segmenter import ProxyCLIP, ProxyCLIPConfig
+
+        self.args, self.device, self.dtype = args, device, dtype
+        pretrained = CLIP_MODELS.get(args.clip, "openai") if args.clip_pretrained is None else args.clip_pretrained
+        self.base = ProxyCLIPConfig(
+            clip=args.clip, clip_pretrained=pretrained, method="clip", window=args.window,
+            stride=min(args.stride, args.window), short_side=args.window,
+        )
+        self.clip = ProxyCLIP.build(
+            self.base, clip_weights=args.clip_weights, random_weights=args.random_weights, device=device, dtype=dtype
+        )
+        self.vfms: dict[str, torch.nn.Module] = {}
+
+    def model(self, row: Row):
+        from dataclasses import replace
+
+        from .segmenter import ProxyCLIP
+        from .vfm import VFM_BUILDERS
+
+        vfm = None
+        if row.method == "proxyclip":
+            if row.vfm not in self.vfms:
+                built = VFM_BUILDERS[row.vfm](random_weights=self.args.random_weights, window=self.args.window)
+                self.vfms[row.vfm] = built.to(self.device, self.dtype)
+            vfm = self.vfms[row.vfm]
+        config = replace(self.base, method=row.method, vfm=row.vfm or self.base.vfm)
+        return ProxyCLIP(self.clip.clip_model, self.clip.tokenizer, vfm, config).to(self.device)
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+def _rows(args: argparse.Namespace) -> list[Row]:
+    all_rows = {
+        "clip": Row("clip", "clip", None),
+        "maskclip": Row("maskclip", "maskclip", None),
+        "proxyclip-dino-b16": Row("proxyclip-dino-b16", "proxyclip", "dino_vitb16"),
+        "proxyclip-dino-b8": Row("proxyclip-dino-b8", "proxyclip", "dino_vitb8"),
+        "whole-image": Row("whole-image", "proxyclip", args.vfm, whole_image=True),
+    }
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in all_rows]
+    if unknown or not names:
+        raise ProxyCLIPError(f"unknown row(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ROWS)}")
+    return [all_rows[n] for n in names]
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise ProxyCLIPError(f"--batches takes comma-separated positive integers, e.g. 1,2,4,8; got {text!r}") from None
+    if not batches or batches[0] <= 0:
+        raise ProxyCLIPError(f"--batches takes comma-separated positive integers, e.g. 1,2,4,8; got {text!r}")
+    return batches if 1 in batches else [1, *batches]
+
+
+def bench_row(row: Row, pool: ModelPool, text: torch.Tensor, batches: list[int], args: argparse.Namespace) -> dict:
+    """Every number of one row (see the module docstring)."""
+    import numpy as np
+
+    from .sliding import window_boxes
+
+    model = pool.model(row)
+    device, window = pool.device, args.window
+    out: dict = {
+        "row": row.name, "method": row.method, "vfm": row.vfm,
+        "params_clip_m": count_params(model.clip_model) / 1e6,
+        "params_clip_visual_m": count_params(model.clip_model.visual) / 1e6,
+        "params_vfm_m": count_params(model.vfm) / 1e6,
+    }
+    out["params_total_m"] = out["params_clip_m"] + out["params_vfm_m"]
+    generator = torch.Generator().manual_seed(0)
+    per_batch = []
+    if row.whole_image:
+        pixels = np.random.default_rng(0).integers(0, 256, (*WHOLE_IMAGE, 3), dtype=np.uint8)  # H x W x 3
+        resized = model.preprocess(pixels).shape[-2:]
+        out.update(unit="images", image_hw=list(WHOLE_IMAGE), resized_hw=list(resized),
+                   windows_per_image=len(window_boxes(*resized, window, model.config.stride)))
+
+        def call() -> None:
+            model.predict_logits(model.preprocess(pixels), text, out_size=WHOLE_IMAGE)  # Q x H x W
+
+        out["flops"] = count_flops(call)
+        batches = [1]
+        calls = {1: call}
+    else:
+        out["unit"] = "windows"
+        windows = torch.randn(max(batches), 3, window, window, generator=generator).to(device, model.dtype)
+
+        def make_call(b: int) -> Callable[[], None]:
+            def call() -> None:
+                with torch.inference_mode():
+                    model.window_logits(windows[:b], text)  # b x Q x window x window
+            return call
+
+        calls = {b: make_call(b) for b in batches}
+        out["flops"] = count_flops(calls[1])
+    out["gflops"] = out["flops"] / 1e9
+    out["gmacs"] = out["flops"] / 2e9  # Table 5's "FLOPs" unit
+    for b in batches:
+        seconds = time_calls(calls[b], device, args.warmup, args.iters)
+        memory = peak_memory(calls[b], device)
+        per_batch.append({"batch": b, "latency_ms": seconds * 1e3, "per_s": b / seconds, **memory})
+    best = max(per_batch, key=lambda r: r["per_s"])
+    out.update(per_batch=per_batch, batch1=per_batch[0], best=best)
+    out["achieved_tflops"] = out["flops"] * best["per_s"] / 1e12
+    return out
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from .cli import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ProxyCLIPError("fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    if args.window <= 0 or args.stride <= 0 or args.iters <= 0 or args.warmup < 0 or args.queries <= 0:
+        raise ProxyCLIPError("--window, --stride, --iters and --queries must be positive, --warmup not negative")
+    rows, batches = _rows(args), _parse_batches(args.batches)
+    eager_free = release_cpu_memory_eagerly() if device.type == "cpu" else False
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        peak = matmul_throughput(device, dtype, args.matmul_size)
+    pool = ModelPool(args, device, dtype)
+    embed_dim = pool.clip.clip_model.visual.proj.shape[1]
+    text = F.normalize(torch.randn(args.queries, embed_dim), dim=-1).to(device, dtype)  # Q x E
+    results = []
+    for row in rows:
+        print(f"proxyclip bench: {row.name} ...", file=sys.stderr, flush=True)
+        result = bench_row(row, pool, text, batches, args)
+        result["fraction_of_matmul"] = result["achieved_tflops"] * 1e12 / peak
+        results.append(result)
+    return {
+        "meta": {
+            "device": str(device), "device_name": _device_name(device), "precision": args.precision,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "clip": args.clip,
+            "random_weights": args.random_weights, "window": args.window, "stride": min(args.stride, args.window),
+            "queries": args.queries, "warmup": args.warmup, "iters": args.iters, "batches": batches,
+            "cpu_eager_free": eager_free, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "matmul": {"n": args.matmul_size, "dtype": args.precision, "tflops": peak / 1e12},
+        "rows": results,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(result: dict) -> str:
+    meta, matmul = result["meta"], result["matmul"]
+    lines = [
+        f"{meta['device_name']} ({meta['device']}), {meta['precision']}, torch {meta['torch']}, "
+        f"{meta['threads']} threads; window {meta['window']}, {meta['queries']} queries"
+        + (", RANDOM weights" if meta["random_weights"] else ""),
+        f"matmul {matmul['n']}x{matmul['n']} {matmul['dtype']}: {matmul['tflops'] * 1e3:.1f} GFLOP/s",
+        "",
+        f"{'row':<20} {'params M':>9} {'GMACs':>8} {'/s b=1':>8} {'ms b=1':>9} {'best b':>6} {'/s best':>8} "
+        f"{'peak MiB':>9} {'+MiB':>7} {'GFLOP/s':>8} {'of mm':>6}",
+    ]
+    for r in result["rows"]:
+        b1, best = r["batch1"], r["best"]
+        unit = "img" if r["unit"] == "images" else "win"
+        lines.append(
+            f"{r['row']:<20} {r['params_total_m']:>9.1f} {r['gmacs']:>8.1f} {b1['per_s']:>8.2f} {b1['latency_ms']:>9.1f} "
+            f"{best['batch']:>6d} {best['per_s']:>8.2f} {b1['peak_mib']:>9.0f} {b1['extra_mib']:>7.0f} "
+            f"{r['achieved_tflops'] * 1e3:>8.1f} {r['fraction_of_matmul']:>6.1%}  ({unit})"
+        )
+    lines.append("GMACs per window (whole-image: per image) = Table 5's FLOPs; /s = windows (images) per second; "
+                 "peak and +MiB at batch 1")
+    return "\n".join(lines)
+
+
+def write_json_atomically(data: dict, path: Path) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.window, args.stride, args.warmup, args.iters = 56, 28, 0, 1
+        args.batches, args.matmul_size = "1,2", 1024
+    if args.out is not None:
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProxyCLIPError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    result = run_bench(args)
+    print(format_table(result))
+    if args.out is not None:
+        try:
+            write_json_atomically(result, args.out)
+        except OSError as exc:
+            raise ProxyCLIPError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        print(f"saved {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    """Register ``proxyclip bench`` on the CLI's sub-parsers."""
+    from .vfm import VFM_BUILDERS
+
+    p = sub.add_parser(
+        "bench",
+        help="parameters, FLOPs, speed and memory of the rows of Table 5",
+        description="Benchmark CLIP, MaskCLIP and ProxyCLIP (DINO-B/16, DINO-B/8) on one window, and a "
+                    "whole 500x375 image through segment's path. Prints a table; --out saves every number as "
+                    "JSON. Offline (no downloadable weights) pass --random-weights: cost does not depend on "
+                    "the weights' values.",
+    )
+    p.add_argument("--rows", default=",".join(ROWS), metavar="LIST",
+                   help=f"comma-separated rows to run (default: all: {','.join(ROWS)})")
+    p.add_argument("--batches", default="1,2,4,8,16", metavar="LIST",
+                   help="window batch sizes to time; 1 is always included (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported (default: %(default)s)")
+    p.add_argument("--window", type=int, default=336, help="window size in pixels (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=112, help="sliding-window stride of the whole-image row (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=21, help="number of text queries (default: %(default)s, VOC21)")
+    p.add_argument("--matmul-size", type=int, default=4096,
+                   help="n of the n x n matmul giving the device's practical peak FLOP/s (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of seconds (numbers not meaningful): window 56, stride 28, batches 1,2, "
+                        "one timed call, no warm-up")
+    p.add_argument("--out", "-o", type=Path, default=None, metavar="FILE", help="save the results as JSON here")
+    g = p.add_argument_group("models and device")
+    g.add_argument("--clip", default="ViT-B-16", metavar="NAME", help="open_clip ViT architecture (default: %(default)s)")
+    g.add_argument("--clip-pretrained", default=None, metavar="TAG",
+                   help="open_clip pretrained tag (default: the paper's for --clip, e.g. openai)")
+    g.add_argument("--clip-weights", default=None, metavar="FILE", help="local CLIP checkpoint instead of the hub")
+    g.add_argument("--vfm", default="dino_vitb8", choices=sorted(VFM_BUILDERS),
+                   help="VFM of the whole-image row (default: %(default)s)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="RANDOM weights of the real architectures; required offline (the hub cannot be reached), "
+                        "and harmless here: speed, memory and FLOPs do not depend on the weights' values")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 (default: %(default)s)")
+    g.add_argument("--precision", default="fp32", choices=list(DTYPES),
+                   help="model and matmul dtype; fp16 needs CUDA (default: %(default)s)")
+    p.set_defaults(func=run_bench_command)
