@@ -207,6 +207,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_segment(sub)
+    from .evaluate import add_eval_parsers
+
+    add_eval_parsers(sub)
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
