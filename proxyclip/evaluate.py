@@ -441,6 +441,8 @@ def table1(results: Sequence[dict]) -> tuple[str, list[dict]]:
     """
     rows: dict[str, dict] = {}
     for r in results:
+        if r["dataset"] not in (*TABLE1_MAIN, *TABLE1_LARGE):
+            continue  # user datasets have their own result files
         row = rows.setdefault(r["config_id"], {"config_id": r["config_id"], "label": r["config_label"],
                                                "mIoU": {}, "complete": {}})
         row["mIoU"][r["dataset"]] = r["metrics"]["mIoU"]

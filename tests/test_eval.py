@@ -149,14 +149,14 @@ def test_table1_layout():
 
     main8 = ["voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k"]
     results = [record(k, 10.0 * (i + 1)) for i, k in enumerate(main8)] + [record("ade847", 5.55)]
-    results += [record("voc21", 61.3, "b", complete=False)]
+    results += [record("voc21", 61.3, "b", complete=False), record("custom", 1.0, "c")]
     markdown, rows = table1(results)
     lines = markdown.splitlines()
     assert lines[0] == ("| Configuration | VOC21 | Context60 | Object | VOC20 | Context59 | Stuff | City | ADE | Avg | "
                         "ADE847 | Context459 |")
     assert lines[2] == ("| config a | 10.00 | 20.00 | 30.00 | 40.00 | 50.00 | 60.00 | 70.00 | 80.00 | 45.00 | 5.55 | - |")
     assert lines[3].startswith("| config b | 61.30* | - |") and "| - | - | - |" in lines[3]
-    assert rows[0]["avg"] == 45.0 and rows[1]["avg"] is None
+    assert rows[0]["avg"] == 45.0 and rows[1]["avg"] is None and len(rows) == 2
 
 
 # ---- the command ------------------------------------------------------------------------------------
