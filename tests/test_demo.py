@@ -271,6 +271,11 @@ def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_pa
         "house_labels.png", "house_overlay.png"]
     assert gallery.visible is True and len(gallery.value) == 3
 
+    url = "data:image/jpeg;base64," + base64.b64encode(HOUSE.read_bytes()).decode()
+    annotated, status, files, gallery = on_segment({"path": None, "url": url}, CUSTOM, "sky", *knobs, False)
+    assert "640 x 480" in status and gallery.visible is False and files[0].endswith("image_labels.png")
+    assert not list(app.out_dir.glob("upload-*"))  # the decoded upload is removed again
+
     bad = tmp_path / "bad.png"
     bad.write_text("hello")
     cases = [
