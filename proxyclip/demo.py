@@ -356,7 +356,9 @@ class DemoApp:
 
         present, counts = np.unique(labels, return_counts=True)
         order = np.argsort(-counts, kind="stable")
-        shares = ", ".join(f"{names[present[i]]} {100 * counts[i] / labels.size:.0f}%" for i in order[:12])
+        percent = 100 * counts / labels.size
+        shares = ", ".join(f"{names[present[i]]} " + (f"{percent[i]:.0f}%" if percent[i] >= 1 else "<1%")
+                           for i in order[:12])
         more = f" and {len(present) - 12} more" if len(present) > 12 else ""
         h, w = labels.shape
         size = f"{w} x {h} px" + ("" if (w, h) == tuple(original_size) else
