@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,10 @@ from .datasets import DatasetError, SegmentationDataset
 from .errors import ProxyCLIPError
 from .metrics import AREA_ROWS, intersect_and_union, summarize
 from .presets import PRESETS, TABLE1_LARGE, TABLE1_MAIN, DatasetPreset, get_preset, load_preset, preset_to_json
+
+if TYPE_CHECKING:
+    from .classes import ClassList
+    from .segmenter import ProxyCLIP
 
 RESULT_KIND = "proxyclip-eval-result"
 _PER_DATASET = ("window", "stride", "short_side", "bg_threshold")  # settings that come from the preset
@@ -138,7 +143,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def config_id(model, data: SegmentationDataset, overrides: dict | None = None, digest: str | None = None) -> tuple[str, str]:
+def config_id(model: ProxyCLIP, data: SegmentationDataset, overrides: dict | None = None, digest: str | None = None) -> tuple[str, str]:
     """(id, label) of the configuration: models, weights, method settings and user overrides.
 
     Settings that come from each dataset's preset (window, stride, short side, threshold) are
@@ -164,7 +169,7 @@ def config_id(model, data: SegmentationDataset, overrides: dict | None = None, d
     return f"{safe}-{digest}", label
 
 
-def run_fingerprint(model, data: SegmentationDataset, limit: int | None, digest: str | None = None) -> str:
+def run_fingerprint(model: ProxyCLIP, data: SegmentationDataset, limit: int | None, digest: str | None = None) -> str:
     """Everything that decides a run's numbers: model, every setting, dataset, selection."""
     ident = {"config": {k: v for k, v in asdict(model.config).items() if k != "window_batch"},
              "dtype": str(model.dtype), "weights": digest or weights_digest(model), "preset": asdict(data.preset),
@@ -221,7 +226,7 @@ def _save_state(path: Path, fingerprint: str, state: _State) -> None:
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 def evaluate(
-    model,
+    model: ProxyCLIP,
     data: SegmentationDataset,
     *,
     out_dir: str | Path | None = None,
@@ -364,7 +369,7 @@ def evaluate(
     return result
 
 
-def labels_at_size(model, logits: torch.Tensor, size: tuple[int, int], classes) -> torch.Tensor:
+def labels_at_size(model: ProxyCLIP, logits: torch.Tensor, size: tuple[int, int], classes: ClassList) -> torch.Tensor:
     """Labels at the original size from logits at the resized size, as :meth:`ProxyCLIP.segment`
     makes them: bilinear resizing and classification in bands of rows (bounded memory even for
     847 classes on a 2048-pixel image).
@@ -387,7 +392,7 @@ def labels_at_size(model, logits: torch.Tensor, size: tuple[int, int], classes) 
     return labels
 
 
-def preset_config(model, preset: DatasetPreset, overrides: dict | None = None):
+def preset_config(model: ProxyCLIP, preset: DatasetPreset, overrides: dict | None = None) -> ProxyCLIP:
     """The model with a preset's settings (window, stride, short side, threshold); ``overrides``
     (None values ignored) take precedence."""
     settings = {k: getattr(preset, k) for k in _PER_DATASET}

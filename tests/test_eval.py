@@ -142,6 +142,22 @@ def test_unreadable_image_and_size_mismatch(tmp_path):
         evaluate(model, data, out_dir=tmp_path / "out")
 
 
+def test_ade847_correct_and_published_ignore(tmp_path):
+    preset = PRESETS["ade847"]
+    root = make_dataset(preset, tmp_path, n=2)
+    correct, published = (SegmentationDataset(preset, root, published_ignore=q) for q in (False, True))
+    labels = np.concatenate([correct.read_label(s.label).ravel() for s in correct.samples])
+    pixels, void, c255 = labels.size, int((labels == 65535).sum()), int((labels == 255).sum())
+    assert void > 0 and c255 > 0
+    model = preset_config(tiny_model(), preset, FAST)
+    a, b = evaluate(model, correct), evaluate(model, published)
+    assert (a["ignore_index"], b["ignore_index"]) == (65535, 255) and b["published_ignore"]
+    assert sum(a["areas"]["label"]) == pixels - void and sum(a["areas"]["pred"]) == pixels - void
+    assert sum(b["areas"]["label"]) == pixels - void - c255  # void is out of range: no label area ...
+    assert sum(b["areas"]["pred"]) == pixels - c255  # ... but its predictions count
+    assert a["config_id"] != b["config_id"] and "published ignore" in b["config_label"]
+
+
 def test_table1_layout():
     def record(key, miou, cid="a", complete=True):
         return {"config_id": cid, "config_label": f"config {cid}", "dataset": key, "complete": complete,
