@@ -53,6 +53,12 @@ def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336
     g = parser.add_argument_group("method settings")
     g.add_argument("--beta", type=float, default=1.2, help="shift factor of eq. 6 (default: %(default)s)")
     g.add_argument("--gamma", type=float, default=3.0, help="scale factor of eq. 6 (default: %(default)s)")
+    g.add_argument("--attention", default="proxy", choices=["proxy", "plain", "norm", "mask"],
+                   help="proxy (the method, eqs. 4-8) or an ablation of the paper: plain (softmax of the "
+                        "similarity, Table 4), norm (normalisation without mask, Table 4), mask (fixed threshold "
+                        "--alpha without normalisation, Table 6) (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=0.0,
+                   help="similarity threshold of the 'mask' ablation (eq. 9; default: %(default)s)")
     g.add_argument("--window", type=int, default=window, help="sliding-window size in pixels (default: %(default)s)")
     g.add_argument("--stride", type=int, default=stride, help="sliding-window stride in pixels (default: %(default)s)")
     g.add_argument("--bg-threshold", type=float, default=bg_threshold,
@@ -83,6 +89,8 @@ def config_from_args(args: argparse.Namespace, **preset):
         method=args.method,
         beta=args.beta,
         gamma=args.gamma,
+        attention=args.attention,
+        alpha=args.alpha,
         window=pick("window"),
         stride=pick("stride"),
         bg_threshold=pick("bg_threshold"),
@@ -138,6 +146,24 @@ def ensure_writable_dir(path: Path) -> None:
 
 # ---- proxyclip segment -----------------------------------------------------------------------
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Folders become the image files directly inside them (sorted); files stay as given."""
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise ProxyCLIPError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out.extend(found)
+        else:
+            out.append(item)
+    return out
+
+
 def _add_segment(sub) -> None:
     p = sub.add_parser(
         "segment",
@@ -146,7 +172,8 @@ def _add_segment(sub) -> None:
                     "NAME.png (palette label map: pixel value = class index), NAME_overlay.png (colours and a "
                     "legend) and, with --save-probs, NAME_probs.npy (C x H x W float32 class probabilities).",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, TIFF, WebP, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (JPEG, PNG, TIFF, WebP, ...) or folders of them")
     cls = p.add_mutually_exclusive_group(required=True)
     cls.add_argument("--classes", metavar="LIST",
                      help='class names separated by commas, synonyms of one class by semicolons: "cat; kitten, dog, sky"')
@@ -167,6 +194,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from .images import label_image, load_image, overlay_image, write_atomically
 
     classes = read_class_file(args.classes_file) if args.classes_file else parse_classes(args.classes)
+    args.images = expand_inputs(args.images)
     stems: dict[str, str] = {}
     for image in args.images:
         stem = Path(image).stem
@@ -181,7 +209,7 @@ def run_segment(args: argparse.Namespace) -> int:
     for image in bar:
         try:
             pixels = load_image(image)
-            result = model.segment(pixels, classes)
+            result = model.segment(pixels, classes, return_probs=args.save_probs)
             stem = Path(image).stem
             outputs: dict[Path, object] = {args.out / f"{stem}.png": label_image(result.labels)}
             if not args.no_overlay:
@@ -213,6 +241,9 @@ def make_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

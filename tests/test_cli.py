@@ -163,3 +163,13 @@ def test_help(command, capsys):
         for option in ("--classes", "--clip-weights", "--vfm-weights", "--beta", "--gamma", "--window", "--stride",
                        "--bg-threshold", "--device", "--precision", "--random-weights", "--save-probs"):
             assert option in out
+
+
+def test_folder_input(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["segment", str(images), "--classes", "a, b", "--out", str(out), "--no-overlay", *TINY]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # broken.jpg reported, others written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["segment", str(empty), "--classes", "a", "--out", str(out), *TINY]) == 2
+    assert "holds no image files" in capsys.readouterr().err
