@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -91,7 +92,8 @@ class ProxyCLIP(nn.Module):
         if self.vfm is not None:
             self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
             self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()  # least recently used first
+        self.text_cache_size = 64  # class lists whose embeddings are kept (a server sees many)
         self.band_elements = 2**26  # at most this many logits resized at once in segment()
         self.batch_elements = 2**28  # at most this many window logits per forward pass
 
@@ -149,10 +151,15 @@ class ProxyCLIP(nn.Module):
     def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]]) -> torch.Tensor:
         """Q x E unit-norm text embeddings of every query name; cached per list of names."""
         queries = make_class_list(classes).queries
-        if queries not in self._text_cache:
-            emb = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device)
-            self._text_cache[queries] = emb.to(self.dtype)
-        return self._text_cache[queries]
+        cache = self._text_cache
+        if queries in cache:
+            cache.move_to_end(queries)
+            return cache[queries]
+        emb = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device).to(self.dtype)
+        cache[queries] = emb
+        while len(cache) > self.text_cache_size:
+            cache.popitem(last=False)
+        return emb
 
     # ---- tensor level -------------------------------------------------------------------
     def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:

@@ -184,3 +184,12 @@ def test_segment_in_bands_equals_segment_at_once(model, rng):
     np.testing.assert_allclose(banded.probs, whole.probs, rtol=0, atol=1e-6)
     assert (banded.labels == whole.labels).mean() > 0.999
     assert model.segment(image, ["a", "b"], return_probs=False).probs is None
+
+
+def test_text_cache_is_bounded(model):
+    model.text_cache_size = 2
+    a = model.encode_classes(["a"])
+    model.encode_classes(["b"])
+    assert model.encode_classes(["a"]) is a  # used again: now the most recent
+    model.encode_classes(["c"])  # evicts ["b"]
+    assert len(model._text_cache) == 2 and model.encode_classes(["a"]) is a
