@@ -24,8 +24,9 @@ modules' own; everything ProxyCLIP adds around them is written out here.
 One deliberate departure: for NON-SQUARE (padded) windows the published code is wrong. It
 unpacks ``B, nc, w, h = x.shape`` and builds CLIP's value grid as ``(h // p, w // p)``, i.e.
 (columns, rows), and reshapes DINO's tokens to ``(H // p, H // p)`` (the height twice). Here
-both grids are (rows, columns). For square windows, the only ones the published runs meet on
-their datasets, this is the published computation exactly.
+both grids are (rows, columns). For square windows (every window of the published evaluations,
+whose resize brings the short side up to the window) this is the published computation exactly.
+Positional embeddings are resized to (rows, columns) by the published code too.
 """
 
 from __future__ import annotations
@@ -402,6 +403,8 @@ def predict_logits(model: nn.Module, image: torch.Tensor, text: torch.Tensor, ou
         Q x H0 x W0 float32 cosine logits, comparable with ``model.predict_logits(image, text, out_size)``.
     """
     cfg = model.config
+    if getattr(cfg, "attention", "proxy") != "proxy":
+        raise ValueError(f"the reference transcribes the published proxy attention only, not {cfg.attention!r}")
     return forward_slide(
         model.clip_model, model.vfm, image[None].to(model.device), text.to(model.dtype), out_size,
         method=cfg.method, beta=cfg.beta, gamma=cfg.gamma, stride=cfg.stride, crop_size=cfg.window,
