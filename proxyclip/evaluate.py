@@ -37,7 +37,6 @@ from .metrics import AREA_ROWS, intersect_and_union, summarize
 from .presets import PRESETS, TABLE1_LARGE, TABLE1_MAIN, DatasetPreset, get_preset, load_preset, preset_to_json
 
 if TYPE_CHECKING:
-    from .classes import ClassList
     from .segmenter import ProxyCLIP
 
 RESULT_KIND = "proxyclip-eval-result"
@@ -308,7 +307,7 @@ def evaluate(
                 raise DatasetError(item["error"])
             index, label = item["index"], item["label"]
             logits = model.predict_logits(normalise.preprocess(item["resized"]), text)  # Q x h x w
-            pred = labels_at_size(model, logits, tuple(label.shape), classes)  # H x W int64
+            pred = torch.from_numpy(model.classify_at_size(logits, tuple(label.shape), classes)[0])  # H x W int64
             areas = intersect_and_union(pred, label, num_classes, data.ignore_index)  # 3 x C
             if pred_dir or overlay_dir:
                 sample_id = data.samples[index].id
@@ -367,29 +366,6 @@ def evaluate(
         write_text_atomically(out / f"{preset.key}-{cid}.json", json.dumps(result, indent=1) + "\n")
         write_text_atomically(out / f"{preset.key}-{cid}.md", result_markdown(result))
     return result
-
-
-def labels_at_size(model: ProxyCLIP, logits: torch.Tensor, size: tuple[int, int], classes: ClassList) -> torch.Tensor:
-    """Labels at the original size from logits at the resized size, as :meth:`ProxyCLIP.segment`
-    makes them: bilinear resizing and classification in bands of rows (bounded memory even for
-    847 classes on a 2048-pixel image).
-
-    Args:
-        logits: Q x h x w cosine logits.
-        size: (H, W) of the original image.
-
-    Returns:
-        H x W int64 labels on the CPU.
-    """
-    from .segmenter import resize_rows
-
-    height, width = size
-    labels = torch.empty(size, dtype=torch.int64)
-    rows = max(1, model.band_elements // max(1, logits.shape[0] * width))
-    for top in range(0, height, rows):
-        band = resize_rows(logits, size, top, min(top + rows, height))  # Q x n x W
-        labels[top : top + rows] = model.classify(band, classes)[0].cpu()
-    return labels
 
 
 def preset_config(model: ProxyCLIP, preset: DatasetPreset, overrides: dict | None = None) -> ProxyCLIP:

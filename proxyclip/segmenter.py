@@ -310,10 +310,30 @@ class ProxyCLIP(nn.Module):
         pixels = load_image(image)
         text = self.encode_classes(class_list)
         logits = self.predict_logits(self.preprocess(pixels), text)  # Q x h x w, at the resized size
-        height, width = pixels.shape[:2]
+        labels, probs = self.classify_at_size(logits, pixels.shape[:2], class_list, return_probs)
+        return Segmentation(labels, probs, class_list)
+
+    def classify_at_size(
+        self,
+        logits: torch.Tensor,
+        size: tuple[int, int],
+        classes: ClassList | Sequence[str | Sequence[str]],
+        return_probs: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Resize logits bilinearly to ``size`` and :meth:`classify` them, in bands of rows so that
+        a large image never needs Q x H x W at once (same result as resizing all at once).
+
+        Args:
+            logits: Q x h x w cosine logits.
+            size: (H, W), e.g. the original image's size.
+
+        Returns:
+            H x W int64 labels, and C x H x W float32 probabilities if ``return_probs`` (else None).
+        """
+        class_list = make_class_list(classes)
+        height, width = size
         labels = np.empty((height, width), dtype=np.int64)
         probs = np.empty((len(class_list), height, width), dtype=np.float32) if return_probs else None
-        # Resize and classify in bands of rows, so a large photo never needs Q x H x W at once.
         rows = max(1, self.band_elements // max(1, logits.shape[0] * width))
         for top in range(0, height, rows):
             band = resize_rows(logits, (height, width), top, min(top + rows, height))  # Q x n x W
@@ -321,7 +341,7 @@ class ProxyCLIP(nn.Module):
             labels[top : top + rows] = band_labels.cpu().numpy()
             if probs is not None:
                 probs[:, top : top + rows] = band_probs.cpu().numpy()
-        return Segmentation(labels, probs, class_list)
+        return labels, probs
 
 
 def resize_rows(logits: torch.Tensor, size: tuple[int, int], top: int, bottom: int) -> torch.Tensor:
