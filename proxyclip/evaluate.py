@@ -233,6 +233,7 @@ def evaluate(
     workers: int = 0,
     resume: bool = True,
     checkpoint_every: int = 20,
+    batch_images: int = 1,
     save_predictions: bool = False,
     save_overlays: bool = False,
     progress: bool = False,
@@ -252,6 +253,8 @@ def evaluate(
         workers: loader processes that read and resize images (0: in this process).
         resume: continue from saved progress of the same run; False starts over.
         checkpoint_every: save progress after this many images.
+        batch_images: images whose windows share forward passes (throughput on a GPU; the
+            numbers do not change).
         save_predictions / save_overlays: write OUT/predictions/DATASET/ID.png (label map) /
             OUT/overlays/DATASET/ID.png (image, colours, legend).
         progress: show a progress bar (images/s, running mIoU of this process).
@@ -301,37 +304,54 @@ def evaluate(
     pred_dir = out / "predictions" / preset.key if out and save_predictions else None
     overlay_dir = out / "overlays" / preset.key if out and save_overlays else None
     count, since_save, start = 0, 0, time.perf_counter()
+
+    def score(item: dict, logits: torch.Tensor) -> None:
+        nonlocal state, count, since_save
+        index, label = item["index"], item["label"]
+        pred = torch.from_numpy(model.classify_at_size(logits, tuple(label.shape), classes)[0])  # H x W int64
+        areas = intersect_and_union(pred, label, num_classes, data.ignore_index)  # 3 x C
+        if pred_dir or overlay_dir:
+            sample_id = data.samples[index].id
+            files: dict[Path, object] = {}
+            if pred_dir:
+                files[pred_dir / f"{sample_id}.png"] = label_image(pred.numpy())
+            if overlay_dir:
+                files[overlay_dir / f"{sample_id}.png"] = overlay_image(item["image"], pred.numpy(),
+                                                                       classes.display_names)
+            for path in files:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(files)
+        state = _State((*state.done, index), state.areas + areas)  # one assignment: never half-updated
+        count += 1
+        since_save += 1
+        if state_path is not None and since_save >= checkpoint_every:
+            _save_state(state_path, fingerprint, state)
+            since_save = 0
+        bar.update(1)
+        if bar.n % 10 == 0 or bar.n == len(mine):
+            miou = summarize(state.areas, classes.display_names)["mIoU"]
+            bar.set_postfix_str(f"mIoU {miou if miou is not None else float('nan'):.2f}")
+        if on_image is not None:
+            on_image(count)
+
+    pending: list[dict] = []
+
+    def flush() -> None:
+        # The windows of all pending images share forward passes; results equal one image at a time.
+        images = [normalise.preprocess(it["resized"]) for it in pending]
+        for it, logits in zip(pending, model.predict_logits_batch(images, text)):  # Q x h x w each
+            score(it, logits)
+        pending.clear()
+
     try:
         for item in loader:
             if item["error"]:
+                flush()
                 raise DatasetError(item["error"])
-            index, label = item["index"], item["label"]
-            logits = model.predict_logits(normalise.preprocess(item["resized"]), text)  # Q x h x w
-            pred = torch.from_numpy(model.classify_at_size(logits, tuple(label.shape), classes)[0])  # H x W int64
-            areas = intersect_and_union(pred, label, num_classes, data.ignore_index)  # 3 x C
-            if pred_dir or overlay_dir:
-                sample_id = data.samples[index].id
-                files: dict[Path, object] = {}
-                if pred_dir:
-                    files[pred_dir / f"{sample_id}.png"] = label_image(pred.numpy())
-                if overlay_dir:
-                    files[overlay_dir / f"{sample_id}.png"] = overlay_image(item["image"], pred.numpy(),
-                                                                           classes.display_names)
-                for path in files:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(files)
-            state = _State((*state.done, index), state.areas + areas)  # one assignment: never half-updated
-            count += 1
-            since_save += 1
-            if state_path is not None and since_save >= checkpoint_every:
-                _save_state(state_path, fingerprint, state)
-                since_save = 0
-            bar.update(1)
-            if bar.n % 10 == 0 or bar.n == len(mine):
-                miou = summarize(state.areas, classes.display_names)["mIoU"]
-                bar.set_postfix_str(f"mIoU {miou if miou is not None else float('nan'):.2f}")
-            if on_image is not None:
-                on_image(count)
+            pending.append(item)
+            if len(pending) >= batch_images:
+                flush()
+        flush()
     finally:
         bar.close()
         if state_path is not None and (since_save or not state_path.exists()):
@@ -477,6 +497,8 @@ def add_eval_parsers(sub) -> None:
                    help="output folder for results, saved progress and predictions (default: %(default)s)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes that load and resize images while the model runs (default: %(default)s)")
+    p.add_argument("--batch-images", type=int, default=1, metavar="N",
+                   help="run the windows of N images together (fills a GPU; results unchanged; default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=20, metavar="N",
                    help="save progress every N images (default: %(default)s)")
     p.add_argument("--restart", action="store_true", help="ignore saved progress and start over")
@@ -612,8 +634,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ProxyCLIPError("--limit must be at least 1")
-    if args.workers < 0 or args.checkpoint_every < 1:
-        raise ProxyCLIPError("--workers must be 0 or more and --checkpoint-every at least 1")
+    if args.workers < 0 or args.checkpoint_every < 1 or args.batch_images < 1:
+        raise ProxyCLIPError("--workers must be 0 or more, --checkpoint-every and --batch-images at least 1")
     jobs = _datasets_from_args(args)
     datasets = [SegmentationDataset(preset, root, published_ignore=args.published_ignore, split_file=split)
                 for preset, root, split in jobs]  # check every root before loading any model
@@ -633,6 +655,7 @@ def run_eval(args: argparse.Namespace) -> int:
             model = model.with_config(**{k: getattr(config, k) for k in _PER_DATASET})
             result = evaluate(model, data, out_dir=args.out, limit=args.limit, workers=args.workers,
                               resume=not args.restart, checkpoint_every=args.checkpoint_every,
+                              batch_images=args.batch_images,
                               save_predictions=args.save_predictions, save_overlays=args.save_overlays,
                               progress=not args.no_progress, dist=dist, overrides=overrides)
             if dist.rank == 0:

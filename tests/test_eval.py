@@ -59,6 +59,11 @@ def test_background_workers_and_row_bands_give_the_same_numbers(voc, reference):
     assert evaluate(model, voc)["areas"] == reference["areas"]
 
 
+def test_windows_of_several_images_batched_give_the_same_numbers(voc, reference):
+    model = preset_config(tiny_model(), voc.preset, FAST).with_config(window_batch=5)
+    assert evaluate(model, voc, batch_images=4)["areas"] == reference["areas"]
+
+
 def _killed_run(root: str, out: str, kill_after: int) -> None:
     """Evaluate in a fresh process and SIGKILL it (no clean-up at all) after ``kill_after`` images."""
     data = SegmentationDataset(PRESETS["voc21"], root)
