@@ -36,6 +36,7 @@ from proxyclip import ProxyCLIP, ProxyCLIPConfig
 from proxyclip import reference as ref
 from proxyclip.bench import (
     count_flops,
+    device_name,
     matmul_throughput,
     peak_memory,
     release_cpu_memory_eagerly,
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["window_extra_mib"] = mem["extra_mib"]
 
     meta = {
-        "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_average_after": os.getloadavg(), "cpu_eager_free": eager_free, "iters": args.iters,
         "warmup": args.warmup, "image_hw": IMAGE_HW, "resized_hw": list(image.shape[-2:]), "windows": 2,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "memory_kind": memory["ours fp32"]["memory_kind"],
@@ -135,16 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomically({"meta": meta, "results": results}, args.out)
         print(f"saved {args.out}", file=sys.stderr)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

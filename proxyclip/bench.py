@@ -338,7 +338,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         result["fraction_of_matmul"] = result["achieved_tflops"] * 1e12 / peak
     return {
         "meta": {
-            "device": str(device), "device_name": _device_name(device), "precision": args.precision,
+            "device": str(device), "device_name": device_name(device), "precision": args.precision,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "clip": args.clip,
             "random_weights": args.random_weights, "window": args.window, "stride": min(args.stride, args.window),
             "queries": args.queries, "warmup": args.warmup, "iters": args.iters, "batches": batches,
@@ -349,7 +349,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     }
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
