@@ -101,10 +101,7 @@ def vocabulary(label: str) -> tuple[ClassList, tuple[str, ...], float]:
         raise DemoInputError(f"unknown vocabulary {label!r}; choose one of {', '.join(VOCABULARIES)}")
     preset = get_preset(VOCABULARIES[label])
     classes = preset.class_list()
-    names = list(classes.display_names)
-    if preset.bg_threshold > 0:
-        names[0] = "background"
-    return classes, tuple(names), preset.bg_threshold
+    return classes, preset.display_names(classes), preset.bg_threshold
 
 
 def format_classes(classes: ClassList) -> str:

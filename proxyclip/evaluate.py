@@ -272,6 +272,7 @@ def evaluate(
 
     dist = dist or DistInfo()
     preset, classes = data.preset, data.classes
+    names = preset.display_names(classes)
     num_classes = len(classes)
     total = len(data) if limit is None else min(limit, len(data))
     if total < 1:
@@ -317,7 +318,7 @@ def evaluate(
                 files[pred_dir / f"{sample_id}.png"] = label_image(pred.numpy())
             if overlay_dir:
                 files[overlay_dir / f"{sample_id}.png"] = overlay_image(item["image"], pred.numpy(),
-                                                                       classes.display_names)
+                                                                       names)
             for path in files:
                 path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(files)
@@ -329,7 +330,7 @@ def evaluate(
             since_save = 0
         bar.update(1)
         if bar.n % 10 == 0 or bar.n == len(mine):
-            miou = summarize(state.areas, classes.display_names)["mIoU"]
+            miou = summarize(state.areas, names)["mIoU"]
             bar.set_postfix_str(f"mIoU {miou if miou is not None else float('nan'):.2f}")
         if on_image is not None:
             on_image(count)
@@ -377,7 +378,7 @@ def evaluate(
         "dtype": str(model.dtype).replace("torch.", ""),
         "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
         "world_size": dist.world,
-        "metrics": summarize(areas, classes.display_names),
+        "metrics": summarize(areas, names),
         "areas": dict(zip(AREA_ROWS, areas.tolist())),
         "seconds": round(seconds, 3),
         "images_per_second": round(count * dist.world / seconds, 3) if count and seconds > 0 else None,

@@ -77,6 +77,14 @@ class DatasetPreset:
             )
         return classes
 
+    def display_names(self, classes: ClassList) -> tuple[str, ...]:
+        """Names for tables and legends: with a background threshold, class 0 is queried with a bag
+        of background words (VOC21, COCO-Object) or "background", and is shown as "background"."""
+        names = list(classes.display_names)
+        if self.bg_threshold > 0:
+            names[0] = "background"
+        return tuple(names)
+
 
 def read_protocol_classes(path: str | Path) -> ClassList:
     """Read a class-names file exactly as the published evaluation did.

@@ -119,7 +119,7 @@ def test_pickled_code_in_a_checkpoint_is_never_executed(images, tmp_path, capsys
 
     path = tmp_path / "evil.pt"
     with open(path, "wb") as fh:
-        pickle.dump({"state_dict": Evil()}, fh)
+        pickle.dump({"state_dict": Evil()}, fh, protocol=2)
     code = main(["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(tmp_path / "o"),
                  "--clip", TINY_CLIP, "--clip-weights", str(path), "--vfm", "dino_vits16"])
     assert code == 2

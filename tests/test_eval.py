@@ -46,7 +46,8 @@ def test_evaluation_is_segment_then_metric(voc, reference):
         labels = model.segment(s.image, voc.classes).labels
         areas += intersect_and_union(torch.from_numpy(labels), torch.from_numpy(voc.read_label(s.label)), 21, 255)
     assert reference["areas"] == dict(zip(("intersect", "pred", "label"), areas.tolist()))
-    assert reference["metrics"] == summarize(areas, voc.classes.display_names)
+    assert reference["metrics"] == summarize(areas, voc.preset.display_names(voc.classes))
+    assert reference["metrics"]["per_class"][0]["class"] == "background"
     assert reference["num_images"] == 6 and reference["complete"]
     assert areas[2].sum() > 0 and areas[0].sum() > 0  # the test is not vacuous
 
