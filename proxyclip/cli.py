@@ -7,6 +7,7 @@ configuration (class names, weights, output folder), nothing processed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -233,6 +234,9 @@ def make_parser() -> argparse.ArgumentParser:
         prog="proxyclip",
         description="Training-free open-vocabulary semantic segmentation with ProxyCLIP (ECCV 2024).",
     )
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show the log messages of open_clip, timm and huggingface_hub (hidden by default; "
+                             "errors are always reported in one line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_segment(sub)
     from .evaluate import add_eval_parsers
@@ -250,6 +254,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:  # the libraries log download retries and random-weight notes; our errors say enough
+        logging.disable(logging.ERROR)
     try:
         return args.func(args)
     except ProxyCLIPError as exc:
@@ -258,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("proxyclip: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,12 @@ def test_folder_input(images, tmp_path, capsys):
     empty.mkdir()
     assert main(["segment", str(empty), "--classes", "a", "--out", str(out), *TINY]) == 2
     assert "holds no image files" in capsys.readouterr().err
+
+
+def test_library_logs_are_hidden_unless_verbose(images, tmp_path, caplog):
+    args = ["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(tmp_path / "o"), *TINY]
+    caplog.set_level("INFO")
+    assert main(args) == 0
+    assert "No pretrained weights loaded" not in caplog.text  # open_clip's log line
+    assert main(["--verbose", *args]) == 0
+    assert "No pretrained weights loaded" in caplog.text
