@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -251,13 +252,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, without the source line Python would print under them."""
+    print(f"proxyclip: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if not args.verbose:  # the libraries log download retries and random-weight notes; our errors say enough
         logging.disable(logging.ERROR)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except ProxyCLIPError as exc:
         print(f"proxyclip: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
