@@ -84,7 +84,7 @@ class ProxyCLIP(nn.Module):
             raise ProxyCLIPError("method 'proxyclip' needs a VFM")
         self.clip_model = clip_model
         self.tokenizer = tokenizer
-        self.vfm = vfm if config.method == "proxyclip" else None
+        self.vfm = vfm  # kept whatever the method, so with_config can switch methods back and forth
         self.config = config
         mean, std = clip_lib.clip_normalisation(clip_model.visual)
         self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)

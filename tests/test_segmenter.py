@@ -193,3 +193,11 @@ def test_text_cache_is_bounded(model):
     assert model.encode_classes(["a"]) is a  # used again: now the most recent
     model.encode_classes(["c"])  # evicts ["b"]
     assert len(model._text_cache) == 2 and model.encode_classes(["a"]) is a
+
+
+def test_switching_methods_back_and_forth(rng):
+    model = tiny_model()
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    first = model.segment(image, ["a", "b"]).probs
+    again = model.with_config(method="maskclip").with_config(method="proxyclip").segment(image, ["a", "b"]).probs
+    np.testing.assert_array_equal(first, again)
