@@ -35,12 +35,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -386,17 +384,10 @@ def format_table(result: dict) -> str:
 
 
 def write_json_atomically(data: dict, path: Path) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as JSON to ``path``, whole or not at all."""
+    from .images import write_atomically
+
+    write_atomically({Path(path): json.dumps(data, indent=2) + "\n"})
 
 
 def run_bench_command(args: argparse.Namespace) -> int:

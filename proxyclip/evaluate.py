@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +32,7 @@ import torch
 
 from .datasets import DatasetError, SegmentationDataset
 from .errors import ProxyCLIPError
+from .images import write_atomically
 from .metrics import AREA_ROWS, intersect_and_union, summarize
 from .presets import PRESETS, TABLE1_LARGE, TABLE1_MAIN, DatasetPreset, get_preset, load_preset, preset_to_json
 
@@ -177,23 +177,6 @@ def run_fingerprint(model: ProxyCLIP, data: SegmentationDataset, limit: int | No
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a text file so that it either appears whole or not at all (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 @dataclass(frozen=True)
 class _State:
     """Images done by this process and their summed areas (replaced whole, never half-updated)."""
@@ -218,8 +201,8 @@ def _load_state(path: Path, fingerprint: str, num_classes: int) -> _State | None
 
 
 def _save_state(path: Path, fingerprint: str, state: _State) -> None:
-    write_text_atomically(path, json.dumps({"fingerprint": fingerprint, "done": list(state.done),
-                                            "areas": state.areas.tolist()}))
+    record = {"fingerprint": fingerprint, "done": list(state.done), "areas": state.areas.tolist()}
+    write_atomically({path: json.dumps(record)})
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -268,7 +251,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from .images import label_image, overlay_image, write_atomically
+    from .images import label_image, overlay_image
 
     dist = dist or DistInfo()
     preset, classes = data.preset, data.classes
@@ -319,8 +302,6 @@ def evaluate(
             if overlay_dir:
                 files[overlay_dir / f"{sample_id}.png"] = overlay_image(item["image"], pred.numpy(),
                                                                        names)
-            for path in files:
-                path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(files)
         state = _State((*state.done, index), state.areas + areas)  # one assignment: never half-updated
         count += 1
@@ -384,8 +365,8 @@ def evaluate(
         "images_per_second": round(count * dist.world / seconds, 3) if count and seconds > 0 else None,
     }
     if out is not None and dist.rank == 0:
-        write_text_atomically(out / f"{preset.key}-{cid}.json", json.dumps(result, indent=1) + "\n")
-        write_text_atomically(out / f"{preset.key}-{cid}.md", result_markdown(result))
+        write_atomically({out / f"{preset.key}-{cid}.json": json.dumps(result, indent=1) + "\n",
+                          out / f"{preset.key}-{cid}.md": result_markdown(result)})
     return result
 
 
@@ -666,8 +647,8 @@ def run_eval(args: argparse.Namespace) -> int:
                       file=sys.stderr)
         if dist.rank == 0 and len(datasets) > 1:
             markdown, rows = table1(collect_results(args.out))
-            write_text_atomically(args.out / "table1.md", markdown)
-            write_text_atomically(args.out / "table1.json", json.dumps(rows, indent=1) + "\n")
+            write_atomically({args.out / "table1.md": markdown,
+                              args.out / "table1.json": json.dumps(rows, indent=1) + "\n"})
             print(markdown, end="")
     finally:
         if dist.world > 1:

@@ -164,19 +164,26 @@ def _umask() -> int:
 def write_atomically(outputs: dict[Path, object]) -> None:
     """Write several files so that either all appear or none does.
 
-    ``outputs`` maps a path to a PIL image (saved as PNG) or a numpy array (saved as .npy).
-    Each is written to a temporary file in the target folder, then all are renamed.
+    ``outputs`` maps a path to a PIL image (saved as PNG), a numpy array (saved as .npy) or a
+    string (saved as UTF-8 text). Missing folders are created; each file is written to a
+    temporary file beside it and flushed to disk, then all are renamed.
     """
     temps: list[tuple[Path, Path]] = []
     try:
         for path, obj in outputs.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
             temps.append((Path(tmp), path))
             with os.fdopen(fd, "wb") as fh:
                 if isinstance(obj, Image.Image):
                     obj.save(fh, format="PNG")
+                elif isinstance(obj, str):
+                    fh.write(obj.encode("utf-8"))
                 else:
                     np.save(fh, obj, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
         mode = 0o666 & ~_umask()
         for tmp, path in temps:
             os.chmod(tmp, mode)

@@ -131,3 +131,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_atomically({good: Image.new("RGB", (2, 2)), tmp_path / "b.npy": np.zeros(3)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.npy"]
+
+
+def test_atomic_write_of_text_into_a_new_folder(tmp_path):
+    target = tmp_path / "new" / "sub" / "r.json"
+    write_atomically({target: '{"a": 1}\n'})
+    assert target.read_text() == '{"a": 1}\n'
+    assert [p.name for p in target.parent.iterdir()] == ["r.json"]  # no temporary file left
