@@ -92,7 +92,10 @@ def test_gamma_sharpens_and_beta_sparsifies(beta, gamma):
     feats = torch.randn(1, 32, 5, 5)
     attn = proxy_attention(feats, beta, gamma)
     sparser = proxy_attention(feats, beta + 0.3, gamma)
-    assert (sparser > 0).sum() <= (attn > 0).sum()
+    assert (sparser > 0).sum() < (attn > 0).sum()  # a larger shift masks more entries
+    sharper = proxy_attention(feats, beta, gamma * 2)
+    assert torch.equal(sharper > 0, attn > 0)  # the scale does not change the mask ...
+    assert sharper.amax(-1).mean() > attn.amax(-1).mean()  # ... but concentrates each row
 
 
 def test_ablation_variants():
