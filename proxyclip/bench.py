@@ -21,8 +21,9 @@ What is measured, per row:
 - peak memory of one call: CUDA ``max_memory_allocated`` (``peak_mib``; ``extra_mib`` is above
   what was allocated before the call, i.e. without the weights). On the CPU: the process's peak
   resident set (VmHWM, reset through /proc/self/clear_refs) and its rise above the resident set
-  before the call; glibc is asked to map every block of 64 KiB or more on its own, so that freed
-  activations leave the resident set (without that the rise would miss reused heap memory);
+  before the call. Every row's memory is measured before anything is timed, with glibc asked to
+  map every block of 64 KiB or more on its own and to trim its heap at once, so that the resident
+  set follows the live tensors; the timed calls then run with glibc's usual reusing heap;
 - achieved FLOP/s at the best batch, and its fraction of a large matmul's FLOP/s measured in the
   same run, on the same device, in the same dtype (before and after the rows; the better of the two).
 
@@ -131,13 +132,30 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
-def release_cpu_memory_eagerly() -> bool:
-    """Ask glibc to mmap every block >= 64 KiB (M_MMAP_THRESHOLD), so freed tensors leave the RSS.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
-    Called by the benchmark only (a process-wide setting); returns whether it took effect.
+
+def release_cpu_memory_eagerly() -> bool:
+    """Memory phase: glibc maps every block >= 64 KiB on its own and trims its heap at once, so the
+    resident set follows the live tensors. Call it before anything big is allocated: once a heap
+    has served large blocks, its pages stay scattered and inflate later measurements.
+
+    Process-wide; returns whether it took effect (glibc only).
     """
     libc = _libc()
-    return bool(libc is not None and libc.mallopt(-3, 64 * 1024) == 1)  # -3: M_MMAP_THRESHOLD
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) == 1
+                and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1)
+
+
+def reuse_cpu_memory() -> None:
+    """Timing phase: blocks under 32 MiB come from the heap again and freed memory is kept for
+    reuse, as glibc's dynamic threshold settles in a long-running process (mapping every block
+    would add page faults that no user's process pays). Measure memory before calling it.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * MIB)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * MIB)
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -160,6 +178,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mib": peak / MIB, "extra_mib": (peak - base) / MIB, "memory_kind": "cuda max_memory_allocated"}
+    fn()  # once first: one-time allocations (kernel caches) are not the call's
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -255,8 +274,10 @@ def _parse_batches(text: str) -> list[int]:
     return batches if 1 in batches else [1, *batches]
 
 
-def bench_row(row: Row, pool: ModelPool, text: torch.Tensor, batches: list[int], args: argparse.Namespace) -> dict:
-    """Every number of one row (see the module docstring)."""
+def measure_row(
+    row: Row, pool: ModelPool, text: torch.Tensor, batches: list[int], args: argparse.Namespace
+) -> tuple[dict, dict[int, Callable[[], None]]]:
+    """Parameters, FLOPs and peak memory of one row, and its calls per batch for :func:`time_row`."""
     import numpy as np
 
     from .sliding import window_boxes
@@ -271,7 +292,6 @@ def bench_row(row: Row, pool: ModelPool, text: torch.Tensor, batches: list[int],
     }
     out["params_total_m"] = out["params_clip_m"] + out["params_vfm_m"]
     generator = torch.Generator().manual_seed(0)
-    per_batch = []
     if row.whole_image:
         pixels = np.random.default_rng(0).integers(0, 256, (*WHOLE_IMAGE, 3), dtype=np.uint8)  # H x W x 3
         resized = model.preprocess(pixels).shape[-2:]
@@ -281,7 +301,6 @@ def bench_row(row: Row, pool: ModelPool, text: torch.Tensor, batches: list[int],
         def call() -> None:
             model.predict_logits(model.preprocess(pixels), text, out_size=WHOLE_IMAGE)  # Q x H x W
 
-        out["flops"] = count_flops(call)
         batches = [1]
         calls = {1: call}
     else:
@@ -295,13 +314,20 @@ def bench_row(row: Row, pool: ModelPool, text: torch.Tensor, batches: list[int],
             return call
 
         calls = {b: make_call(b) for b in batches}
-        out["flops"] = count_flops(calls[1])
+    out["memory"] = {b: peak_memory(calls[b], device) for b in calls}
+    out["flops"] = count_flops(calls[1])
     out["gflops"] = out["flops"] / 1e9
     out["gmacs"] = out["flops"] / 2e9  # Table 5's "FLOPs" unit
-    for b in batches:
-        seconds = time_calls(calls[b], device, args.warmup, args.iters)
-        memory = peak_memory(calls[b], device)
-        per_batch.append({"batch": b, "latency_ms": seconds * 1e3, "per_s": b / seconds, **memory})
+    return out, calls
+
+
+def time_row(out: dict, calls: dict[int, Callable[[], None]], device: torch.device, args: argparse.Namespace) -> dict:
+    """Add the speed at every batch of ``calls`` to a row measured by :func:`measure_row`."""
+    memory = out.pop("memory")
+    per_batch = []
+    for b, call in calls.items():
+        seconds = time_calls(call, device, args.warmup, args.iters)
+        per_batch.append({"batch": b, "latency_ms": seconds * 1e3, "per_s": b / seconds, **memory[b]})
     best = max(per_batch, key=lambda r: r["per_s"])
     out.update(per_batch=per_batch, batch1=per_batch[0], best=best)
     out["achieved_tflops"] = out["flops"] * best["per_s"] / 1e12
@@ -318,18 +344,23 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.window <= 0 or args.stride <= 0 or args.iters <= 0 or args.warmup < 0 or args.queries <= 0:
         raise ProxyCLIPError("--window, --stride, --iters and --queries must be positive, --warmup not negative")
     rows, batches = _rows(args), _parse_batches(args.batches)
-    eager_free = release_cpu_memory_eagerly() if device.type == "cpu" else False
+    cpu_heap_clean = device.type == "cpu" and release_cpu_memory_eagerly()
     torch.manual_seed(0)
-    with torch.inference_mode():
-        peak = matmul_throughput(device, dtype, args.matmul_size)
     pool = ModelPool(args, device, dtype)
     embed_dim = pool.clip.clip_model.visual.proj.shape[1]
     text = F.normalize(torch.randn(args.queries, embed_dim), dim=-1).to(device, dtype)  # Q x E
+    measured = []
+    for row in rows:  # memory of every row first (see release_cpu_memory_eagerly), then the timings
+        print(f"proxyclip bench: {row.name}: FLOPs, memory ...", file=sys.stderr, flush=True)
+        measured.append(measure_row(row, pool, text, batches, args))
+    if device.type == "cpu":
+        reuse_cpu_memory()
+    with torch.inference_mode():
+        peak = matmul_throughput(device, dtype, args.matmul_size)
     results = []
-    for row in rows:
-        print(f"proxyclip bench: {row.name} ...", file=sys.stderr, flush=True)
-        result = bench_row(row, pool, text, batches, args)
-        results.append(result)
+    for row, (out, calls) in zip(rows, measured):
+        print(f"proxyclip bench: {row.name}: speed ...", file=sys.stderr, flush=True)
+        results.append(time_row(out, calls, device, args))
     with torch.inference_mode():  # again: on a busy machine one of the two measurements is low
         peak = max(peak, matmul_throughput(device, dtype, args.matmul_size))
     for result in results:
@@ -340,7 +371,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "clip": args.clip,
             "random_weights": args.random_weights, "window": args.window, "stride": min(args.stride, args.window),
             "queries": args.queries, "warmup": args.warmup, "iters": args.iters, "batches": batches,
-            "cpu_eager_free": eager_free, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "cpu_memory_in_clean_heap": cpu_heap_clean, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "matmul": {"n": args.matmul_size, "dtype": args.precision, "tflops": peak / 1e12},
         "rows": results,
