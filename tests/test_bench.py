@@ -95,3 +95,23 @@ def test_write_json_atomically_replaces_whole_file(tmp_path: Path) -> None:
     write_json_atomically({"a": 1}, path)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_attention_benchmark_variants_compute_attention() -> None:
+    """benchmarks/bench_cpu_attention.py times what it says: both explicit bf16 variants are
+    softmax(q k^T / sqrt(d)) v, and only the two-pass one keeps peaked attention accurate."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_cpu_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 64, generator=generator) * s for s in (3, 3, 1))  # peaked attention
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with torch.inference_mode():
+        errors = {shift: float((module.blocked(q, k, v, block=32, shift=shift).double() - exact).abs().max())
+                  for shift in (False, True)}
+    assert errors[True] < 0.03  # about bf16's resolution of the output
+    assert errors[False] > 2 * errors[True]  # scores rounded to bf16 before the softmax
