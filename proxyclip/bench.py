@@ -240,7 +240,7 @@ class ModelPool:
         vfm = None
         if row.method == "proxyclip":
             if row.vfm not in self.vfms:
-                built = VFM_BUILDERS[row.vfm](random_weights=self.args.random_weights, window=self.args.window)
+                built = VFM_BUILDERS[row.vfm](random_weights=self.args.random_weights)
                 self.vfms[row.vfm] = built.to(self.device, self.dtype)
             vfm = self.vfms[row.vfm]
         config = replace(self.base, method=row.method, vfm=row.vfm or self.base.vfm)

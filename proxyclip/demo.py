@@ -621,8 +621,7 @@ def make_app(args: argparse.Namespace) -> DemoApp:
     clips = {name: (tag or CLIP_MODELS.get(name, "openai"),
                     partial(load_clip, name, tag or CLIP_MODELS.get(name, "openai"), weights, args.random_weights))
              for name, tag, weights in args.add_clip if name != config.clip}
-    vfms = {name: partial(VFM_BUILDERS[name], weights=weights, random_weights=args.random_weights,
-                          window=config.window)
+    vfms = {name: partial(VFM_BUILDERS[name], weights=weights, random_weights=args.random_weights)
             for name, weights in args.add_vfm if name != config.vfm}
     limits = DemoLimits(max_upload_mb=args.max_upload_mb, max_side=args.max_side, work_side=args.work_side,
                         max_classes=args.max_classes, max_names=max(1000, 5 * args.max_classes))

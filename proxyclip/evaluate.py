@@ -631,8 +631,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         for data in datasets:
             config = config_from_args(args, **{k: getattr(data.preset, k) for k in _PER_DATASET})
-            needs_build = model is None or getattr(model.vfm, "input_size", None) not in (None, config.window)
-            if needs_build:  # MAE resizes windows to the size it was built for
+            if model is None:
                 model = build_model(args, config)
             model = model.with_config(**{k: getattr(config, k) for k in _PER_DATASET})
             result = evaluate(model, data, out_dir=args.out, limit=args.limit, workers=args.workers,

@@ -85,7 +85,7 @@ def _timm_dino(vfm: nn.Module) -> nn.Module:
     """The raw timm DINO ViT inside ``vfm``; refuses VFMs this oracle does not transcribe."""
     model = vfm
     if isinstance(vfm, TimmViT):
-        if vfm.pos_recipe != "dino" or vfm.input_size is not None:
+        if vfm.pos_recipe != "dino" or vfm.runs_at_window:
             raise ValueError("the reference transcribes DINO VFMs only (TimmViT with pos_recipe='dino')")
         model = vfm.model
     if getattr(model, "num_prefix_tokens", None) != 1 or getattr(model, "no_embed_class", True):

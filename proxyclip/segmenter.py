@@ -123,7 +123,7 @@ class ProxyCLIP(nn.Module):
         clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights)
         vfm = None
         if config.method == "proxyclip":
-            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights, window=config.window)
+            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights)
         clip_model.to(dtype)
         if vfm is not None:
             vfm.to(dtype)
@@ -185,10 +185,13 @@ class ProxyCLIP(nn.Module):
         else:
             v = clip_lib.last_block_values(visual, x, grid)  # N x D x h x w
             if self.config.method == "proxyclip":
-                feats = self.vfm(self.to_vfm_input(windows))  # N x C x h' x w'
+                cfg = self.config
+                pixels = self.to_vfm_input(windows)  # N x 3 x h x w
+                if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
+                    pixels = F.interpolate(pixels, size=(cfg.window, cfg.window), mode="bilinear", align_corners=False)
+                feats = self.vfm(pixels)  # N x C x h' x w'
                 grid = tuple(feats.shape[-2:])
                 v = F.interpolate(v, size=grid, mode="bilinear", align_corners=False)  # N x D x h' x w'
-                cfg = self.config
                 attn = ablation_attention(feats, cfg.attention, cfg.beta, cfg.gamma, cfg.alpha)  # N x L x L
                 tokens = aggregate_values(attn, v.flatten(2).transpose(1, 2))  # N x L x D
             else:  # maskclip: each patch keeps its own value
@@ -347,8 +350,9 @@ class ProxyCLIP(nn.Module):
 def resize_rows(logits: torch.Tensor, size: tuple[int, int], top: int, bottom: int) -> torch.Tensor:
     """Rows ``top:bottom`` of ``F.interpolate(logits, size, mode="bilinear", align_corners=False)``.
 
-    Bilinear resizing is separable: resize the width of every source row, then blend the two
-    source rows that each output row falls between, with PyTorch's own coordinate rule.
+    Bilinear resizing is separable: resize the width of the source rows this band falls between
+    (only those), then blend the two source rows of each output row, with PyTorch's own
+    coordinate rule.
 
     Args:
         logits: Q x h x w.
@@ -358,11 +362,14 @@ def resize_rows(logits: torch.Tensor, size: tuple[int, int], top: int, bottom: i
     """
     height, width = size
     src_h = logits.shape[1]
-    wide = F.interpolate(logits[None], size=(src_h, width), mode="bilinear", align_corners=False)[0]  # Q x h x W
     scale = src_h / height
     y = torch.arange(top, bottom, device=logits.device, dtype=torch.float32)
     src = (scale * (y + 0.5) - 0.5).clamp(min=0)  # n source coordinates, float32 as PyTorch
     y0 = src.floor().long().clamp(max=src_h - 1)
     y1 = (y0 + 1).clamp(max=src_h - 1)
     frac = (src - y0).to(logits.dtype).view(1, -1, 1)  # 1 x n x 1
+    lo, hi = int(y0[0]), int(y1[-1]) + 1  # the band's source rows (coordinates grow with y)
+    rows = logits[None, :, lo:hi]  # 1 x Q x (hi - lo) x w
+    wide = F.interpolate(rows, size=(hi - lo, width), mode="bilinear", align_corners=False)[0]  # Q x (hi-lo) x W
+    y0, y1 = y0 - lo, y1 - lo
     return wide[:, y0] * (1 - frac) + wide[:, y1] * frac  # Q x n x W

@@ -3,7 +3,9 @@
 ``VFM_BUILDERS`` maps a VFM name to a plain builder function. Every VFM takes a window that is
 already normalised for it and returns B x C x h x w features of its final layer after the final
 norm, class and register tokens dropped. It also states the pixel normalisation it expects as
-``mean`` and ``std`` (RGB, 0-1 range), read from timm's pretrained config.
+``mean`` and ``std`` (RGB, 0-1 range), read from timm's pretrained config, and with
+``runs_at_window`` whether the segmenter must first resize every window to the protocol's window
+size (MAE, as in the published runs, whatever the crop).
 """
 
 from __future__ import annotations
@@ -27,23 +29,20 @@ class TimmViT(nn.Module):
         pos_recipe: "dino" or "exact" to resize the positional embedding as the published code
             did (see :mod:`proxyclip.pos_embed`); None to use timm's own resizing (DINOv2, whose
             original code timm matches).
-        input_size: resize every window to this square size first (MAE ran at the window size
-            of the protocol, whatever the crop); None keeps the window's size.
+        runs_at_window: the segmenter resizes every window to its configured window size first
+            (MAE ran at the window size of the protocol, whatever the crop).
     """
 
-    def __init__(self, model: nn.Module, pos_recipe: str | None, input_size: int | None = None):
+    def __init__(self, model: nn.Module, pos_recipe: str | None, runs_at_window: bool = False):
         super().__init__()
         self.model = model
         self.pos_recipe = pos_recipe
-        self.input_size = input_size
+        self.runs_at_window = runs_at_window
         self.patch_size = int(model.patch_embed.patch_size[0])
         self.mean, self.std = _normalisation(model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """B x 3 x H x W (normalised for this VFM) -> B x C x h x w."""
-        if self.input_size is not None:
-            size = (self.input_size, self.input_size)
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         p = self.patch_size
         images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]  # as a strided conv floors
         m = self.model
@@ -62,6 +61,8 @@ class TimmViT(nn.Module):
 
 class SamEncoder(nn.Module):
     """SAM's image encoder (timm ``samvit``): every window is resized to 1024 x 1024 first."""
+
+    runs_at_window = False
 
     def __init__(self, model: nn.Module, input_size: int = 1024):
         super().__init__()
@@ -112,7 +113,7 @@ def _normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ..
 
 
 def _dino(name: str) -> Callable[..., nn.Module]:
-    def build(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+    def build(weights: str | None = None, random_weights: bool = False) -> nn.Module:
         model = create_timm(name, weights, random_weights, dynamic_img_size=True)
         return TimmViT(model, pos_recipe="dino")
 
@@ -120,24 +121,24 @@ def _dino(name: str) -> Callable[..., nn.Module]:
     return build
 
 
-def build_dinov2_vitb14_reg(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+def build_dinov2_vitb14_reg(weights: str | None = None, random_weights: bool = False) -> nn.Module:
     """DINOv2 ViT-B/14 with 4 registers: final-layer patch tokens at the window's size."""
     model = create_timm("vit_base_patch14_reg4_dinov2.lvd142m", weights, random_weights, dynamic_img_size=True)
     return TimmViT(model, pos_recipe=None)
 
 
-def build_mae_vitb16(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
-    """MAE ViT-B/16: windows resized to window x window, as in the published runs."""
+def build_mae_vitb16(weights: str | None = None, random_weights: bool = False) -> nn.Module:
+    """MAE ViT-B/16: windows resized to the window size, as in the published runs."""
     model = create_timm("vit_base_patch16_224.mae", weights, random_weights, dynamic_img_size=True)
-    return TimmViT(model, pos_recipe="exact", input_size=window)
+    return TimmViT(model, pos_recipe="exact", runs_at_window=True)
 
 
-def build_sam_vitb(weights: str | None = None, random_weights: bool = False, window: int = 336) -> nn.Module:
+def build_sam_vitb(weights: str | None = None, random_weights: bool = False) -> nn.Module:
     """SAM ViT-B image encoder at 1024 x 1024 (a 64 x 64 grid of 256-d features)."""
     return SamEncoder(create_timm("samvit_base_patch16.sa1b", weights, random_weights))
 
 
-# VFM name -> builder(weights=None, random_weights=False, window=336) -> nn.Module
+# VFM name -> builder(weights=None, random_weights=False) -> nn.Module
 VFM_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "dino_vits16": _dino("vit_small_patch16_224.dino"),
     "dino_vits8": _dino("vit_small_patch8_224.dino"),

@@ -45,7 +45,7 @@ def test_openai_weights_get_quickgelu():
     ],
 )
 def test_vfm_feature_grids(name, window, grid, channels):
-    vfm = VFM_BUILDERS[name](random_weights=True, window=window)
+    vfm = VFM_BUILDERS[name](random_weights=True)
     with torch.no_grad():
         feats = vfm(torch.randn(1, 3, window, window))
     assert feats.shape == (1, channels, *grid)

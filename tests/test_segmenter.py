@@ -201,3 +201,26 @@ def test_switching_methods_back_and_forth(rng):
     first = model.segment(image, ["a", "b"]).probs
     again = model.with_config(method="maskclip").with_config(method="proxyclip").segment(image, ["a", "b"]).probs
     np.testing.assert_array_equal(first, again)
+
+
+def test_window_sized_vfm_follows_the_configured_window():
+    """A VFM that runs at the protocol's window size (MAE) gets every window, padded or not,
+    resized to the window of the current config, also after with_config."""
+
+    class WindowSizedVFM(nn.Module):
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        runs_at_window = True
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def forward(self, images):
+            self.sizes.append(tuple(images.shape[-2:]))
+            return images[:, :, ::8, ::8]  # N x 3 x h/8 x w/8
+
+    vfm = WindowSizedVFM()
+    model = tiny_model(vfm=vfm, window=112, stride=56)
+    model.window_features(torch.randn(1, 3, 56, 112))  # a padded window of a small image
+    model.with_config(window=168, stride=84).window_features(torch.randn(1, 3, 168, 168))
+    assert vfm.sizes == [(112, 112), (168, 168)]
