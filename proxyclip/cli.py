@@ -50,7 +50,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336, stride: int | None = 112,
-                       short_side: int | None = 336, bg_threshold: float | None = 0.0) -> None:
+                       short_side: int | None = 336, bg_threshold: float | None = 0.0,
+                       long_side: int | None = 2048) -> None:
     """Options of the method itself; a default of None means "from the dataset preset"."""
     g = parser.add_argument_group("method settings")
     g.add_argument("--beta", type=float, default=1.2, help="shift factor of eq. 6 (default: %(default)s)")
@@ -69,7 +70,8 @@ def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336
     g.add_argument("--short-side", type=int, default=short_side,
                    help="resize images so their short side is this many pixels, long side at most --long-side; "
                         "0 keeps the size (default: %(default)s)")
-    g.add_argument("--long-side", type=int, default=2048, help="cap on the long side after resizing (default: %(default)s)")
+    g.add_argument("--long-side", type=int, default=long_side,
+                   help="cap on the long side after resizing (default: %(default)s)")
     g.add_argument("--window-batch", type=int, default=16,
                    help="windows per forward pass; lower it if memory runs out (default: %(default)s)")
 
@@ -97,7 +99,7 @@ def config_from_args(args: argparse.Namespace, **preset):
         stride=pick("stride"),
         bg_threshold=pick("bg_threshold"),
         short_side=short if short else None,
-        long_side=args.long_side,
+        long_side=pick("long_side"),
         window_batch=args.window_batch,
     )
 

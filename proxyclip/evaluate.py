@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .segmenter import ProxyCLIP
 
 RESULT_KIND = "proxyclip-eval-result"
-_PER_DATASET = ("window", "stride", "short_side", "bg_threshold")  # settings that come from the preset
+_PER_DATASET = ("window", "stride", "short_side", "long_side", "bg_threshold")  # settings that come from the preset
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 def config_id(model: ProxyCLIP, data: SegmentationDataset, overrides: dict | None = None, digest: str | None = None) -> tuple[str, str]:
     """(id, label) of the configuration: models, weights, method settings and user overrides.
 
-    Settings that come from each dataset's preset (window, stride, short side, threshold) are
+    Settings that come from each dataset's preset (window, stride, short and long side, threshold) are
     not part of it, so one configuration spans all datasets of a table row.
     """
     cfg = model.config
@@ -158,7 +158,8 @@ def config_id(model: ProxyCLIP, data: SegmentationDataset, overrides: dict | Non
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
     what = f"+ {cfg.vfm}" if cfg.method == "proxyclip" else f"{cfg.method}"
     extras = [f"{k} {v}" for k, v in ident["overrides"].items()]
-    extras += [f"{k} {getattr(cfg, k)}" for k in ("beta", "gamma") if getattr(cfg, k) != getattr(type(cfg)(), k)]
+    default, named = asdict(type(cfg)()), ("clip", "clip_pretrained", "vfm", "method")  # named already
+    extras += [f"{k} {v}" for k, v in model_fields.items() if k not in named and v != default[k]]
     if model.dtype != torch.float32:
         extras.append(str(model.dtype).replace("torch.", ""))
     if data.published_ignore:
@@ -228,7 +229,7 @@ def evaluate(
 
     Args:
         model: a :class:`~proxyclip.ProxyCLIP` already set to the dataset's settings (window,
-            stride, short side, threshold: see :func:`preset_config`).
+            stride, short and long side, threshold: see :func:`preset_config`).
         data: the dataset.
         out_dir: folder for results (``DATASET-CONFIG.json`` / ``.md``), saved progress and
             predictions; None keeps nothing (and cannot resume).
@@ -371,7 +372,7 @@ def evaluate(
 
 
 def preset_config(model: ProxyCLIP, preset: DatasetPreset, overrides: dict | None = None) -> ProxyCLIP:
-    """The model with a preset's settings (window, stride, short side, threshold); ``overrides``
+    """The model with a preset's settings (window, stride, short and long side, threshold); ``overrides``
     (None values ignored) take precedence."""
     settings = {k: getattr(preset, k) for k in _PER_DATASET}
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -499,7 +500,7 @@ def add_eval_parsers(sub) -> None:
     c.add_argument("--ignore-index", type=int, default=255, help="label value left out of scoring (default: %(default)s)")
     c.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignored, the others shift down by one")
     add_model_args(p)
-    add_inference_args(p, window=None, stride=None, short_side=None, bg_threshold=None)
+    add_inference_args(p, window=None, stride=None, short_side=None, bg_threshold=None, long_side=None)
     p.set_defaults(func=run_eval)
 
     q = sub.add_parser(
@@ -630,10 +631,9 @@ def run_eval(args: argparse.Namespace) -> int:
     model = None
     try:
         for data in datasets:
-            config = config_from_args(args, **{k: getattr(data.preset, k) for k in _PER_DATASET})
             if model is None:
-                model = build_model(args, config)
-            model = model.with_config(**{k: getattr(config, k) for k in _PER_DATASET})
+                model = build_model(args, config_from_args(args, **{k: getattr(data.preset, k) for k in _PER_DATASET}))
+            model = preset_config(model, data.preset, overrides)
             result = evaluate(model, data, out_dir=args.out, limit=args.limit, workers=args.workers,
                               resume=not args.restart, checkpoint_every=args.checkpoint_every,
                               batch_images=args.batch_images,

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -50,6 +51,12 @@ def test_evaluation_is_segment_then_metric(voc, reference):
     assert reference["metrics"]["per_class"][0]["class"] == "background"
     assert reference["num_images"] == 6 and reference["complete"]
     assert areas[2].sum() > 0 and areas[0].sum() > 0  # the test is not vacuous
+
+
+def test_preset_long_side_reaches_the_model_unless_overridden(voc):
+    preset = replace(voc.preset, long_side=500)
+    assert preset_config(tiny_model(), preset, FAST).config.long_side == 500
+    assert preset_config(tiny_model(), preset, {**FAST, "long_side": 700}).config.long_side == 700
 
 
 def test_background_workers_and_row_bands_give_the_same_numbers(voc, reference):
@@ -219,8 +226,11 @@ def test_eval_command_several_datasets_gives_table1(tmp_path, capsys):
     assert city_result["config"]["short_side"] == 64 and city_result["num_images"] == 2
     assert main(["eval", "--dataset", "voc20", "--roots", f"voc20={voc}", "--out", str(out), "--beta", "1.0",
                  *CLI_TINY]) == 0
-    rows = table1(collect_results(out))[1]
-    assert len(rows) == 2 and "beta 1.0" in rows[1]["label"]
+    assert main(["eval", "--dataset", "voc20", "--roots", f"voc20={voc}", "--out", str(out), "--attention", "norm",
+                 *CLI_TINY]) == 0
+    labels = sorted(row["label"] for row in table1(collect_results(out))[1])
+    assert len(labels) == 3 and len(set(labels)) == 3  # every ablation row tells which it is
+    assert any("beta 1.0" in label for label in labels) and any("attention norm" in label for label in labels)
 
 
 def test_eval_command_custom_dataset_and_preset_file(tmp_path):
