@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -181,6 +182,7 @@ class ModelStore:
         self._clips = {cfg.clip: (base.clip_model, base.tokenizer)}
         self._vfms = {cfg.vfm: base.vfm}
         self._pairs = {(cfg.clip, cfg.vfm): base}
+        self._text_caches = {cfg.clip: base._text_cache}  # one per CLIP: text does not depend on the VFM
 
     @property
     def clip_names(self) -> list[str]:
@@ -209,7 +211,8 @@ class ModelStore:
                 self._vfms[vfm] = self._vfm_loaders[vfm]()
             clip_model, tokenizer = self._clips[clip]
             config = replace(base.config, clip=clip, clip_pretrained=self._clip_loaders[clip][0], vfm=vfm)
-            model = ProxyCLIP(clip_model.to(base.dtype), tokenizer, self._vfms[vfm].to(base.dtype), config)
+            model = ProxyCLIP(clip_model.to(base.dtype), tokenizer, self._vfms[vfm].to(base.dtype), config,
+                              self._text_caches.setdefault(clip, OrderedDict()))
             self._pairs[(clip, vfm)] = model.to(base.device)
         return self._pairs[(clip, vfm)]
 
@@ -279,7 +282,6 @@ class DemoApp:
         self.keep = keep
         self._lock = threading.Lock()
         self._count = 0
-        self._encoded: set[tuple] = set()  # (clip, vfm, queries) whose text embeddings the model has cached
 
     @property
     def defaults(self) -> Settings:
@@ -319,11 +321,10 @@ class DemoApp:
             start = time.perf_counter()
             pair = self.store.get(settings.clip, settings.vfm)
             load_seconds = time.perf_counter() - start
+            encoded = pair.is_encoded(classes)
             start = time.perf_counter()
-            pair.encode_classes(classes)  # cached per class list: the first time costs 80 prompts a name
-            key = (settings.clip, settings.vfm, classes.queries)
-            text_seconds = None if key in self._encoded else time.perf_counter() - start
-            self._encoded.add(key)
+            pair.encode_classes(classes)  # cached per CLIP and class list: the first time costs 80 prompts a name
+            text_seconds = None if encoded else time.perf_counter() - start
             methods = COMPARE_ORDER if settings.compare else (settings.method,)
             runs = {}
             for method in methods:

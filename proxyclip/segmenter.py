@@ -78,7 +78,9 @@ class ProxyCLIP(nn.Module):
     class names; :meth:`predict_logits` takes a CLIP-normalised tensor and text embeddings.
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer: object, vfm: nn.Module | None, config: ProxyCLIPConfig):
+    def __init__(self, clip_model: nn.Module, tokenizer: object, vfm: nn.Module | None, config: ProxyCLIPConfig,
+                 text_cache: OrderedDict | None = None):
+        """``text_cache``: the cache of another ProxyCLIP with the same CLIP, to share its text embeddings."""
         super().__init__()
         if config.method == "proxyclip" and vfm is None:
             raise ProxyCLIPError("method 'proxyclip' needs a VFM")
@@ -92,7 +94,8 @@ class ProxyCLIP(nn.Module):
         if self.vfm is not None:
             self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
             self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
-        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()  # least recently used first
+        # query names -> Q x E embeddings, least recently used first
+        self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict() if text_cache is None else text_cache
         self.text_cache_size = 64  # class lists whose embeddings are kept (a server sees many)
         self.band_elements = 2**26  # at most this many logits resized at once in segment()
         self.batch_elements = 2**28  # at most this many window logits per forward pass
@@ -135,9 +138,8 @@ class ProxyCLIP(nn.Module):
         for key in ("clip", "clip_pretrained", "vfm"):
             if getattr(config, key) != getattr(self.config, key):
                 raise ProxyCLIPError(f"changing {key} needs new weights: build a new ProxyCLIP")
-        clone = ProxyCLIP(self.clip_model, self.tokenizer, self.vfm, config).to(self.device)
-        clone._text_cache = self._text_cache  # the text side does not depend on these settings
-        return clone
+        # the text side does not depend on these settings: the clone shares the cache
+        return ProxyCLIP(self.clip_model, self.tokenizer, self.vfm, config, self._text_cache).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +150,10 @@ class ProxyCLIP(nn.Module):
         return self.clip_model.visual.proj.dtype
 
     # ---- text ---------------------------------------------------------------------------
+    def is_encoded(self, classes: ClassList | Sequence[str | Sequence[str]]) -> bool:
+        """Whether :meth:`encode_classes` has these names cached (it then costs nothing)."""
+        return make_class_list(classes).queries in self._text_cache
+
     def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]]) -> torch.Tensor:
         """Q x E unit-norm text embeddings of every query name; cached per list of names."""
         queries = make_class_list(classes).queries

@@ -159,6 +159,8 @@ def test_model_store_loads_each_model_once_on_first_use():
     assert calls == {"clip": 1, "vfm": 1}
     assert mixed.clip_model is base.clip_model and mixed.vfm is pair.vfm and mixed.config.vfm == "dino_vits8"
     assert pair.config.clip == "other-clip" and pair.config.clip_pretrained == "openai"
+    base.encode_classes(["sky", "grass"])  # text embeddings are shared by the pairs of one CLIP
+    assert mixed.is_encoded(["sky", "grass"]) and not pair.is_encoded(["sky", "grass"])
     with pytest.raises(DemoInputError, match="unknown VFM 'sam_vitb'"):
         store.get(TINY_CLIP, "sam_vitb")
     with pytest.raises(ProxyCLIPError, match="method 'proxyclip'"):
