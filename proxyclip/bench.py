@@ -18,8 +18,9 @@ What is measured, per row:
   and ``nn.MultiheadAttention``'s fast path run; :data:`EXTRA_FLOP_FORMULAS` adds them;
 - windows (images) per second at batch 1 and at the best batch of ``--batches``, and latency:
   the median over ``--iters`` timed calls after ``--warmup`` calls, the device synchronised;
-- peak memory of one call: CUDA ``max_memory_allocated`` (``peak_mib``; ``extra_mib`` is above
-  what was allocated before the call, i.e. without the weights). On the CPU: the process's peak
+- peak memory of one call, after one untimed call: CUDA ``max_memory_allocated`` (``peak_mib``,
+  which includes the models of rows measured earlier, kept for reuse; ``extra_mib`` is above what
+  was allocated before the call, the call's own). On the CPU: the process's peak
   resident set (VmHWM, reset through /proc/self/clear_refs) and its rise above the resident set
   before the call. Every row's memory is measured before anything is timed, with glibc asked to
   map every block of 64 KiB or more on its own and to trim its heap at once, so that the resident
@@ -53,7 +54,6 @@ from .errors import ProxyCLIPError
 
 ROWS = ("clip", "maskclip", "proxyclip-dino-b16", "proxyclip-dino-b8", "whole-image")
 WHOLE_IMAGE = (375, 500)  # H x W: a typical PASCAL VOC photo (500 x 375)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 1 << 20
 
 
@@ -170,6 +170,7 @@ def _proc_status_kib(field: str) -> int | None:
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, float | str]:
     """Peak memory of one call of ``fn``: absolute and above the level before the call (MiB)."""
+    fn()  # once first: one-time allocations (kernel caches, library workspaces) are not the call's
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -178,7 +179,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mib": peak / MIB, "extra_mib": (peak - base) / MIB, "memory_kind": "cuda max_memory_allocated"}
-    fn()  # once first: one-time allocations (kernel caches) are not the call's
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -217,13 +217,12 @@ class ModelPool:
     """CLIP built once, each VFM once; a ProxyCLIP per row shares them."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-        from .clip import CLIP_MODELS
+        from .clip import default_pretrained
         from .segmenter import ProxyCLIP, ProxyCLIPConfig
 
         self.args, self.device, self.dtype = args, device, dtype
-        pretrained = CLIP_MODELS.get(args.clip, "openai") if args.clip_pretrained is None else args.clip_pretrained
         self.base = ProxyCLIPConfig(
-            clip=args.clip, clip_pretrained=pretrained, method="clip", window=args.window,
+            clip=args.clip, clip_pretrained=default_pretrained(args.clip, args.clip_pretrained), method="clip", window=args.window,
             stride=min(args.stride, args.window), short_side=args.window,
         )
         self.clip = ProxyCLIP.build(
@@ -280,6 +279,7 @@ def measure_row(
     """Parameters, FLOPs and peak memory of one row, and its calls per batch for :func:`time_row`."""
     import numpy as np
 
+    from .images import rescaled_size
     from .sliding import window_boxes
 
     model = pool.model(row)
@@ -291,20 +291,20 @@ def measure_row(
         "params_vfm_m": count_params(model.vfm) / 1e6,
     }
     out["params_total_m"] = out["params_clip_m"] + out["params_vfm_m"]
-    generator = torch.Generator().manual_seed(0)
     if row.whole_image:
         pixels = np.random.default_rng(0).integers(0, 256, (*WHOLE_IMAGE, 3), dtype=np.uint8)  # H x W x 3
-        resized = model.preprocess(pixels).shape[-2:]
+        cfg = model.config
+        resized = rescaled_size(*WHOLE_IMAGE, cfg.short_side, cfg.long_side)
         out.update(unit="images", image_hw=list(WHOLE_IMAGE), resized_hw=list(resized),
                    windows_per_image=len(window_boxes(*resized, window, model.config.stride)))
 
         def call() -> None:
             model.predict_logits(model.preprocess(pixels), text, out_size=WHOLE_IMAGE)  # Q x H x W
 
-        batches = [1]
         calls = {1: call}
     else:
         out["unit"] = "windows"
+        generator = torch.Generator().manual_seed(0)
         windows = torch.randn(max(batches), 3, window, window, generator=generator).to(device, model.dtype)
 
         def make_call(b: int) -> Callable[[], None]:
@@ -335,12 +335,10 @@ def time_row(out: dict, calls: dict[int, Callable[[], None]], device: torch.devi
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import resolve_device
+    from .cli import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    dtype = DTYPES[args.precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ProxyCLIPError("fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    dtype = resolve_dtype(args.precision, device)
     if args.window <= 0 or args.stride <= 0 or args.iters <= 0 or args.warmup < 0 or args.queries <= 0:
         raise ProxyCLIPError("--window, --stride, --iters and --queries must be positive, --warmup not negative")
     rows, batches = _rows(args), _parse_batches(args.batches)
@@ -443,6 +441,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     """Register ``proxyclip bench`` on the CLI's sub-parsers."""
+    from .cli import PRECISIONS
     from .vfm import VFM_BUILDERS
 
     p = sub.add_parser(
@@ -479,6 +478,6 @@ def add_bench_parser(sub) -> None:
                    help="RANDOM weights of the real architectures; required offline (the hub cannot be reached), "
                         "and harmless here: speed, memory and FLOPs do not depend on the weights' values")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=list(DTYPES),
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model and matmul dtype; fp16 needs CUDA (default: %(default)s)")
     p.set_defaults(func=run_bench_command)

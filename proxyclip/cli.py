@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import ProxyCLIPError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +46,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "the output is meaningless)")
     g.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model precision; fp16 needs CUDA, bf16 runs on CUDA and recent CPUs (default: %(default)s)")
 
 
@@ -78,7 +79,7 @@ def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336
 
 def config_from_args(args: argparse.Namespace, **preset):
     """A ProxyCLIPConfig from the parsed options; ``preset`` fills options left at None."""
-    from .clip import CLIP_MODELS
+    from .clip import default_pretrained
     from .segmenter import ProxyCLIPConfig
 
     def pick(name: str):
@@ -88,7 +89,7 @@ def config_from_args(args: argparse.Namespace, **preset):
     short = pick("short_side")
     return ProxyCLIPConfig(
         clip=args.clip,
-        clip_pretrained=args.clip_pretrained or CLIP_MODELS.get(args.clip, "openai"),
+        clip_pretrained=default_pretrained(args.clip, args.clip_pretrained),
         vfm=args.vfm,
         method=args.method,
         beta=args.beta,
@@ -118,16 +119,22 @@ def resolve_device(name: str):
     return device
 
 
+def resolve_dtype(precision: str, device):
+    """The torch dtype of --precision on ``device`` (fp16 only on CUDA)."""
+    import torch
+
+    if precision == "fp16" and device.type != "cuda":
+        raise ProxyCLIPError("fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
 def build_model(args: argparse.Namespace, config):
     """Build the segmenter the options describe."""
-    import torch
 
     from .segmenter import ProxyCLIP
 
     device = resolve_device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ProxyCLIPError("fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    dtype = resolve_dtype(args.precision, device)
     return ProxyCLIP.build(
         config,
         clip_weights=args.clip_weights,

@@ -25,6 +25,11 @@ CLIP_MODELS = {
 }
 
 
+def default_pretrained(name: str, tag: str | None = None) -> str:
+    """``tag``, or else the paper's pretrained tag for the CLIP ``name`` (OpenAI's for other names)."""
+    return tag or CLIP_MODELS.get(name, "openai")
+
+
 def _uses_quick_gelu(name: str, pretrained: str | None) -> bool:
     """OpenAI's weights were trained with QuickGELU; open_clip only warns if it is not asked for."""
     if name.endswith("-quickgelu") or not pretrained:

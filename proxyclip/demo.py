@@ -612,15 +612,15 @@ def make_app(args: argparse.Namespace) -> DemoApp:
     from functools import partial
 
     from .cli import build_model, config_from_args
-    from .clip import CLIP_MODELS, load_clip
+    from .clip import default_pretrained, load_clip
     from .vfm import VFM_BUILDERS
 
     if min(args.max_upload_mb, args.max_side, args.work_side, args.max_classes, args.queue_size) <= 0:
         raise ProxyCLIPError("--max-upload-mb, --max-side, --work-side, --max-classes and --queue-size must be positive")
     config = config_from_args(args)
     base = build_model(args, replace(config, method="proxyclip"))
-    clips = {name: (tag or CLIP_MODELS.get(name, "openai"),
-                    partial(load_clip, name, tag or CLIP_MODELS.get(name, "openai"), weights, args.random_weights))
+    clips = {name: (default_pretrained(name, tag),
+                    partial(load_clip, name, default_pretrained(name, tag), weights, args.random_weights))
              for name, tag, weights in args.add_clip if name != config.clip}
     vfms = {name: partial(VFM_BUILDERS[name], weights=weights, random_weights=args.random_weights)
             for name, weights in args.add_vfm if name != config.vfm}

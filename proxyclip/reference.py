@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .clip import clip_normalisation, clip_patch_size
 from .vfm import TimmViT
 
 
@@ -91,14 +92,6 @@ def _timm_dino(vfm: nn.Module) -> nn.Module:
     if getattr(model, "num_prefix_tokens", None) != 1 or getattr(model, "no_embed_class", True):
         raise ValueError("the reference transcribes DINO VFMs only: a timm ViT with one class token")
     return model
-
-
-def vfm_normalisation(vfm: nn.Module) -> tuple[Sequence[float], Sequence[float]]:
-    """Pixel mean and std (RGB, 0-1) the VFM expects (ImageNet's for DINO)."""
-    if hasattr(vfm, "mean") and hasattr(vfm, "std"):  # our VFM wrappers state them
-        return vfm.mean, vfm.std
-    cfg = vfm.pretrained_cfg
-    return cfg["mean"], cfg["std"]
 
 
 def dino_features(vfm: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -201,7 +194,7 @@ def encode_image(
         B x L x E patch features (not normalised); L = H'*W' for proxyclip, else CLIP's h*w.
     """
     _, _, height, width = x.shape
-    p = int(visual.conv1.kernel_size[0])
+    p = clip_patch_size(visual)
     token_size = (height // p, width // p)  # (rows, cols); published: (cols, rows)
     x = visual.conv1(x)  # B x D x h x w
     x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # B x hw x D
@@ -248,12 +241,12 @@ def forward_feature(
         1 x Q x H x W cosine logits, resized (bilinear) to the window.
     """
     visual = clip_model.visual
-    p = int(visual.conv1.kernel_size[0])
+    p = clip_patch_size(visual)
     clip_token_size = img.shape[-2] // p, img.shape[-1] // p
     ex_feats = None
     if method == "proxyclip":
-        clip_mean, clip_std = visual.preprocess_cfg["mean"], visual.preprocess_cfg["std"]
-        vfm_mean, vfm_std = vfm_normalisation(vfm)
+        clip_mean, clip_std = clip_normalisation(visual)
+        vfm_mean, vfm_std = vfm.mean, vfm.std  # every VFM wrapper states them
         def column(values: Sequence[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=img.dtype, device=img.device).view(3, 1, 1)
 
@@ -403,7 +396,7 @@ def predict_logits(model: nn.Module, image: torch.Tensor, text: torch.Tensor, ou
         Q x H0 x W0 float32 cosine logits, comparable with ``model.predict_logits(image, text, out_size)``.
     """
     cfg = model.config
-    if getattr(cfg, "attention", "proxy") != "proxy":
+    if cfg.attention != "proxy":
         raise ValueError(f"the reference transcribes the published proxy attention only, not {cfg.attention!r}")
     return forward_slide(
         model.clip_model, model.vfm, image[None].to(model.device), text.to(model.dtype), out_size,
