@@ -35,7 +35,9 @@ def test_segment_writes_labels_overlay_and_probs(images, tmp_path, capsys):
     assert labels.shape == (60, 80) and labels.max() < 3
     probs = np.load(out / "a_probs.npy")
     assert probs.shape == (3, 60, 80) and np.array_equal(probs.argmax(0), labels)
-    assert Image.open(out / "b_overlay.png").height >= 30
+    b_size = Image.open(out / "b.png").size
+    overlay = Image.open(out / "b_overlay.png").size
+    assert overlay[1] >= b_size[1] and overlay[0] > b_size[0]  # the image at its size, and a legend beside it
     assert "segmented 2 of 2 images" in capsys.readouterr().err
 
 
@@ -53,7 +55,10 @@ def test_one_bad_image_does_not_stop_the_others(images, tmp_path, capsys):
 def test_classes_file(images, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("background; sky\nperson\n")
-    assert main(["segment", str(images / "a.jpg"), "--classes-file", str(names), "--out", str(tmp_path / "o"), *TINY]) == 0
+    out = tmp_path / "o"
+    assert main(["segment", str(images / "a.jpg"), "--classes-file", str(names), "--out", str(out), "--save-probs",
+                 *TINY]) == 0
+    assert np.load(out / "a_probs.npy").shape[0] == 2  # two classes, the first with a synonym
 
 
 @pytest.mark.parametrize("classes", ["", "cat,,dog", "cat, Cat"])

@@ -75,8 +75,15 @@ def test_every_preset_layout_reads(key, tmp_path):
 def test_scan_order_is_mmsegs_sorted_paths_and_recurses(tmp_path):
     preset = PRESETS["cityscapes"]
     make_dataset(preset, tmp_path, n=4)
+    first = list_samples(preset, tmp_path)[0]
+    for name in ("x", "x-1"):  # by id "x" < "x-1"; by path "x-1_leftImg8bit.png" < "x_leftImg8bit.png"
+        for kind, suffix in (("image", preset.image_suffix), ("label", preset.label_suffix)):
+            target = tmp_path / getattr(preset, f"{kind}_dir") / f"city0/{name}{suffix}"
+            target.write_bytes(getattr(first, kind).read_bytes())
     ids = [s.id for s in list_samples(preset, tmp_path)]
-    assert ids == sorted(ids) and ids[0].startswith("city0/") and len(ids) == 4
+    paths = [i + preset.image_suffix for i in ids]
+    assert paths == sorted(paths) and ids[0].startswith("city0/") and len(ids) == 6
+    assert ids.index("city0/x-1") < ids.index("city0/x")
 
 
 def test_split_file_order_is_kept(tmp_path):

@@ -180,7 +180,9 @@ def test_run_segments_writes_files_and_reports_time(app):
     masks = out.annotations()
     assert {name for _, name in masks} == {out.names[c] for c in np.unique(out.labels)}
     assert sum(m for m, _ in masks).max() == pytest.approx(demo.MASK_OPACITY)  # one class per pixel
-    assert set(out.color_map()) == set(out.names) and out.comparison == []
+    palette = np.asarray(saved.getpalette()[: 3 * len(out.names)]).reshape(-1, 3)  # the label PNG's colours
+    assert out.color_map() == {name: "#{:02x}{:02x}{:02x}".format(*rgb) for name, rgb in zip(out.names, palette)}
+    assert out.comparison == []
     again = app.run(HOUSE, CUSTOM, "sky, grass; lawn, house", settings(app))
     assert "Encoding the class names" not in again.summary  # cached
     assert np.array_equal(again.labels, out.labels)

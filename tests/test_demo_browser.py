@@ -124,7 +124,6 @@ def test_upload_name_classes_and_see_the_segmentation(server, browser_page, tmp_
     shot = tmp_path / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
-    assert Image.open(shot).width == 1400
 
     # The overlay: the image at its own size, a legend naming exactly the classes the status lists as present.
     size = page.locator("#pc-result img").first.evaluate("img => [img.naturalWidth, img.naturalHeight]")
