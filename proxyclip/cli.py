@@ -212,9 +212,8 @@ def run_segment(args: argparse.Namespace) -> int:
         if stem in stems:
             raise ProxyCLIPError(f"{stems[stem]} and {image} would write the same output names; segment them in separate runs")
         stems[stem] = image
-    config = config_from_args(args)
+    model = build_model(args, config_from_args(args))  # missing weights stop the run before the folder is made
     ensure_writable_dir(args.out)
-    model = build_model(args, config)
     failed = 0
     bar = tqdm(args.images, unit="img", disable=len(args.images) < 2, file=sys.stderr)
     for image in bar:
@@ -222,7 +221,7 @@ def run_segment(args: argparse.Namespace) -> int:
             pixels = load_image(image)
             result = model.segment(pixels, classes, return_probs=args.save_probs)
             stem = Path(image).stem
-            outputs: dict[Path, object] = {args.out / f"{stem}.png": label_image(result.labels)}
+            outputs: dict[Path, object] = {args.out / f"{stem}.png": label_image(result.labels, len(classes))}
             if not args.no_overlay:
                 outputs[args.out / f"{stem}_overlay.png"] = overlay_image(pixels, result.labels, classes.display_names)
             if args.save_probs:

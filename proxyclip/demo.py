@@ -246,9 +246,9 @@ class DemoResult:
 
     def annotations(self) -> list[tuple[np.ndarray, str]]:
         """(H x W float mask: MASK_OPACITY inside the class, 0 elsewhere; name) of each class present, largest first."""
-        present, counts = np.unique(self.labels, return_counts=True)
-        order = present[np.argsort(-counts, kind="stable")]
-        return [((self.labels == c) * MASK_OPACITY, self.names[c]) for c in order.tolist()]
+        from .images import classes_by_area
+
+        return [((self.labels == c) * MASK_OPACITY, self.names[c]) for c, _ in classes_by_area(self.labels)]
 
     def color_map(self) -> dict[str, str]:
         """Class name -> "#rrggbb", the label PNG's palette colours."""
@@ -339,7 +339,7 @@ class DemoApp:
 
     def _finish(self, pixels, original_size, names, runs, settings, image_name, load_seconds,
                 text_seconds) -> DemoResult:
-        from .images import label_image, overlay_image, write_atomically
+        from .images import classes_by_area, label_image, overlay_image, write_atomically
 
         labels, seconds = runs[settings.method]
         comparison = []
@@ -350,13 +350,11 @@ class DemoApp:
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(image_name or "image").stem).strip("_")[:40] or "image"
         folder = self._new_folder()
         files = [folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png"]
-        write_atomically({files[0]: label_image(labels), files[1]: overlay_image(pixels, labels, names)})
+        write_atomically({files[0]: label_image(labels, len(names)), files[1]: overlay_image(pixels, labels, names)})
 
-        present, counts = np.unique(labels, return_counts=True)
-        order = np.argsort(-counts, kind="stable")
-        percent = 100 * counts / labels.size
-        shares = ", ".join(f"{names[present[i]]} " + (f"{percent[i]:.0f}%" if percent[i] >= 1 else "<1%")
-                           for i in order[:12])
+        present = classes_by_area(labels)
+        shares = ", ".join(f"{names[c]} " + (f"{100 * share:.0f}%" if share >= 0.01 else "<1%")
+                           for c, share in present[:12])
         more = f" and {len(present) - 12} more" if len(present) > 12 else ""
         h, w = labels.shape
         size = f"{w} x {h} px" + ("" if (w, h) == tuple(original_size) else

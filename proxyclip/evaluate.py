@@ -299,7 +299,7 @@ def evaluate(
             sample_id = data.samples[index].id
             files: dict[Path, object] = {}
             if pred_dir:
-                files[pred_dir / f"{sample_id}.png"] = label_image(pred.numpy())
+                files[pred_dir / f"{sample_id}.png"] = label_image(pred.numpy(), num_classes)
             if overlay_dir:
                 files[overlay_dir / f"{sample_id}.png"] = overlay_image(item["image"], pred.numpy(),
                                                                        names)

@@ -118,13 +118,21 @@ def palette(num_classes: int) -> np.ndarray:
     return colours.astype(np.uint8)
 
 
-def label_image(labels: np.ndarray) -> Image.Image:
-    """H x W labels -> a palette PNG image (up to 256 classes) or 16-bit grayscale (more)."""
-    if labels.max(initial=0) < 256:
+def label_image(labels: np.ndarray, num_classes: int) -> Image.Image:
+    """H x W labels of ``num_classes`` classes -> a palette PNG image (up to 256 classes) or 16-bit
+    grayscale (more), decided by the class count so that every image of a run has one format."""
+    if num_classes <= 256:
         img = Image.fromarray(labels.astype(np.uint8), mode="P")
         img.putpalette(palette(256).flatten().tolist())
         return img
     return Image.fromarray(labels.astype(np.uint16))
+
+
+def classes_by_area(labels: np.ndarray) -> list[tuple[int, float]]:
+    """(class, share of the pixels) of each class present in ``labels``, largest first."""
+    present, counts = np.unique(labels, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return [(int(present[i]), float(counts[i] / labels.size)) for i in order]
 
 
 def overlay_image(
@@ -134,13 +142,11 @@ def overlay_image(
     colours = palette(max(len(names), 1))
     blend = (image.astype(np.float32) * (1 - alpha) + colours[labels].astype(np.float32) * alpha)
     base = Image.fromarray(blend.round().astype(np.uint8))
-    present, counts = np.unique(labels, return_counts=True)
-    order = present[np.argsort(-counts)]
-    share = dict(zip(present.tolist(), (counts / labels.size).tolist()))
+    present = classes_by_area(labels)
     size = max(12, min(24, base.height // 25))
     font = ImageFont.load_default(size=size)
     row = size + 8
-    lines = [f"{names[c]}  {100 * share[c]:.1f}%" for c in order.tolist()]
+    lines = [f"{names[c]}  {100 * share:.1f}%" for c, share in present]
     text_w = max(int(font.getlength(t)) for t in lines)
     width = base.width + text_w + row + 24
     height = max(base.height, row * len(lines) + 12)
@@ -148,7 +154,7 @@ def overlay_image(
     canvas.paste(base, (0, 0))
     draw = ImageDraw.Draw(canvas)
     x0 = base.width + 8
-    for i, (c, text) in enumerate(zip(order.tolist(), lines)):
+    for i, ((c, _), text) in enumerate(zip(present, lines)):
         y = 6 + i * row
         draw.rectangle([x0, y, x0 + size, y + size], fill=tuple(int(v) for v in colours[c]), outline=(0, 0, 0))
         draw.text((x0 + size + 8, y), text, fill=(0, 0, 0), font=font)

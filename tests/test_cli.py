@@ -92,6 +92,7 @@ def test_missing_weights_say_how_to_supply_them(images, tmp_path, capsys):
     assert len(err) == 1
     assert "CLIP weights ViT-B-16 / openai could not be loaded" in err[0] and "--clip-weights" in err[0]
     assert "HF_HUB_OFFLINE" in err[0]
+    assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
 def test_fp16_on_cpu_is_refused(images, tmp_path, capsys):

@@ -100,12 +100,13 @@ def test_resize_matches_bilinear_without_antialias():
 
 def test_label_png_round_trip(tmp_path):
     labels = np.array([[0, 1], [2, 20]])
-    img = label_image(labels)
+    img = label_image(labels, 21)
     assert img.mode == "P"
     img.save(tmp_path / "l.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "l.png")), labels)
-    big = label_image(np.array([[0, 300]]))
+    big = label_image(np.array([[0, 300]]), 847)
     assert np.asarray(big).tolist() == [[0, 300]]
+    assert label_image(labels, 847).mode != "P"  # the class count decides, not the labels present
 
 
 def test_palette_is_voc():
