@@ -28,19 +28,18 @@ class ClassList:
         """All names, class by class: the text queries sent to CLIP."""
         return tuple(q for names in self.names for q in names)
 
-    @property
-    def query_to_class(self) -> tuple[int, ...]:
-        """For each query, the index of its class."""
-        return tuple(c for c, names in enumerate(self.names) for _ in names)
 
-
-def make_class_list(classes: ClassList | Sequence[str | Sequence[str]]) -> ClassList:
+def make_class_list(classes: ClassList | Sequence[str | Sequence[str]], unique: bool = True) -> ClassList:
     """Validate classes given as names or sequences of synonyms.
 
     A string item is one class; "cat; kitten" in a string is split into synonyms.
 
+    ``unique=False`` lets a name repeat across classes, as some published class-name files do
+    (COCO-Object queries "bed" for the background and for class "bed"; a tie goes to the lower
+    class index, as in the published runs).
+
     Raises:
-        ClassNamesError: no classes, an empty name, or a name used twice.
+        ClassNamesError: no classes, an empty name, or (``unique``) a name used twice.
     """
     if isinstance(classes, ClassList):
         return classes
@@ -53,7 +52,7 @@ def make_class_list(classes: ClassList | Sequence[str | Sequence[str]]) -> Class
         names = tuple(" ".join(str(n).split()) for n in raw)
         if not names or any(not n for n in names):
             raise ClassNamesError(f"class {c + 1} ({item!r}) has an empty name; remove it or give it a name")
-        for n in names:
+        for n in names if unique else ():
             if n.lower() in seen:
                 raise ClassNamesError(f"the name {n!r} is given twice (classes {seen[n.lower()] + 1} and {c + 1}); each name may be used once")
             seen[n.lower()] = c
@@ -70,8 +69,9 @@ def parse_classes(text: str) -> ClassList:
     return make_class_list(text.split(","))
 
 
-def read_class_file(path: str | Path) -> ClassList:
-    """Read a class-names file: one class a line, synonyms separated by "; " (blank lines skipped)."""
+def read_class_file(path: str | Path, unique: bool = True) -> ClassList:
+    """Read a class-names file: one class a line, synonyms separated by "; " (blank lines skipped);
+    ``unique``: see :func:`make_class_list`."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -79,4 +79,4 @@ def read_class_file(path: str | Path) -> ClassList:
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ClassNamesError(f"class-names file {path} is empty; write one class a line")
-    return make_class_list(lines)
+    return make_class_list(lines, unique)

@@ -571,11 +571,11 @@ def _datasets_from_args(args: argparse.Namespace) -> list[tuple[DatasetPreset, P
                                   ("--classes-file", args.classes_file)) if v is None]
         if missing:
             raise ProxyCLIPError(f"--dataset custom needs {', '.join(missing)}")
-        from .presets import read_protocol_classes
+        from .classes import read_class_file
 
         preset = DatasetPreset(
             key="custom", title="custom", classes_file=str(args.classes_file.resolve()),
-            num_classes=len(read_protocol_classes(args.classes_file)),
+            num_classes=len(read_class_file(args.classes_file, unique=False)),
             image_dir=str(args.images.resolve()), label_dir=str(args.labels.resolve()),
             image_suffix=args.image_suffix, label_suffix=args.label_suffix,
             reduce_zero_label=args.reduce_zero_label, ignore_index=args.ignore_index,

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
-from .classes import ClassList
-from .errors import ClassNamesError, ProxyCLIPError
+from .classes import ClassList, read_class_file
+from .errors import ProxyCLIPError
 
 LABEL_DTYPES = ("uint8", "uint16")
 
@@ -68,8 +68,9 @@ class DatasetPreset:
         return shipped if shipped.is_file() else path
 
     def class_list(self) -> ClassList:
-        """The classes in label order (see :func:`read_protocol_classes`), checked against num_classes."""
-        classes = read_protocol_classes(self.classes_path())
+        """The classes in label order, names read as the published evaluation did (a name may repeat
+        across classes, see :func:`proxyclip.classes.make_class_list`), checked against num_classes."""
+        classes = read_class_file(self.classes_path(), unique=False)
         if len(classes) != self.num_classes:
             raise ProxyCLIPError(
                 f"preset {self.key!r}: {self.classes_path()} names {len(classes)} classes but num_classes is "
@@ -84,32 +85,6 @@ class DatasetPreset:
         if self.bg_threshold > 0:
             names[0] = "background"
         return tuple(names)
-
-
-def read_protocol_classes(path: str | Path) -> ClassList:
-    """Read a class-names file exactly as the published evaluation did.
-
-    One class a line (blank lines skipped), names of one class separated by ";". Unlike
-    :func:`proxyclip.read_class_file`, a name may repeat across classes: the published
-    COCO-Object file queries "bed" both for the background and for class "bed". The two
-    queries are identical, and a tie goes to the lower class index (background), as it did
-    in the published runs.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClassNamesError(f"cannot read class-names file {path}: {exc}") from None
-    names = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        row = tuple(" ".join(n.split()) for n in line.split(";"))
-        if any(not n for n in row):
-            raise ClassNamesError(f"{path}, line {i + 1}: an empty class name; write one class a line, synonyms separated by '; '")
-        names.append(row)
-    if not names:
-        raise ClassNamesError(f"class-names file {path} is empty; write one class a line")
-    return ClassList(tuple(names))
 
 
 _VOC = dict(image_dir="JPEGImages", label_dir="SegmentationClass", split_file="ImageSets/Segmentation/val.txt")

@@ -8,7 +8,6 @@ def test_parse_commas_and_synonyms():
     classes = parse_classes("cat; kitten, dog ,  grass,sky")
     assert classes.names == (("cat", "kitten"), ("dog",), ("grass",), ("sky",))
     assert classes.queries == ("cat", "kitten", "dog", "grass", "sky")
-    assert classes.query_to_class == (0, 0, 1, 2, 3)
     assert classes.display_names == ("cat", "dog", "grass", "sky")
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from proxyclip.classes import read_class_file
 from proxyclip.cli import main
 from proxyclip.errors import ProxyCLIPError
 from proxyclip.presets import (
@@ -16,7 +17,6 @@ from proxyclip.presets import (
     get_preset,
     load_preset,
     preset_to_json,
-    read_protocol_classes,
 )
 
 # REPRODUCTION.md, "Datasets" and "Pre-processing" / "Sliding window" / "Text side": key -> (classes,
@@ -115,10 +115,12 @@ def test_bad_presets(tmp_path):
 def test_protocol_class_files_allow_repeats_but_not_empty_names(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("sky; bed\n\nbed\n")
-    assert read_protocol_classes(path).names == (("sky", "bed"), ("bed",))
+    assert read_class_file(path, unique=False).names == (("sky", "bed"), ("bed",))
+    with pytest.raises(ProxyCLIPError, match="given twice"):
+        read_class_file(path)
     path.write_text("sky;; bed\n")
-    with pytest.raises(ProxyCLIPError, match="line 1: an empty class name"):
-        read_protocol_classes(path)
+    with pytest.raises(ProxyCLIPError, match="empty name"):
+        read_class_file(path, unique=False)
 
 
 def test_presets_command(capsys):
