@@ -230,12 +230,5 @@ def convert_coco_object_label(source: Path, target: Path, kind: str) -> None:
     """Write one COCO-Object label map (8-bit gray PNG), atomically."""
     from .images import write_atomically
 
-    try:
-        with Image.open(source) as img:
-            img.load()
-            if img.mode not in ("L", "P"):
-                raise DatasetError(f"{source}: expected an 8-bit single-channel label map, got mode {img.mode}")
-            labels = np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{source}: cannot read the label map ({exc})") from None
+    labels = read_label(source, "uint8")  # H x W int64, 0..255
     write_atomically({target: Image.fromarray(coco_object_lut(kind)[labels])})
