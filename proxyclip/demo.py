@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import functools
 import logging
 import os
 import re
@@ -90,6 +91,7 @@ class DemoInputError(ProxyCLIPError):
 
 # ---- inputs ----------------------------------------------------------------------------------
 
+@functools.cache
 def vocabulary(label: str) -> tuple[ClassList, tuple[str, ...], float]:
     """A preset vocabulary: its classes, their display names and the preset's background threshold.
 
@@ -342,15 +344,17 @@ class DemoApp:
         from .images import classes_by_area, label_image, overlay_image, write_atomically
 
         labels, seconds = runs[settings.method]
+        overlay = overlay_image(pixels, labels, names)
         comparison = []
         if settings.compare:
             for method in COMPARE_ORDER:
                 m_labels, m_seconds = runs[method]
-                comparison.append((overlay_image(pixels, m_labels, names), f"{METHODS[method]} - {m_seconds:.2f} s"))
+                m_overlay = overlay if method == settings.method else overlay_image(pixels, m_labels, names)
+                comparison.append((m_overlay, f"{METHODS[method]} - {m_seconds:.2f} s"))
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(image_name or "image").stem).strip("_")[:40] or "image"
         folder = self._new_folder()
         files = [folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png"]
-        write_atomically({files[0]: label_image(labels, len(names)), files[1]: overlay_image(pixels, labels, names)})
+        write_atomically({files[0]: label_image(labels, len(names)), files[1]: overlay})
 
         present = classes_by_area(labels)
         shares = ", ".join(f"{names[c]} " + (f"{100 * share:.0f}%" if share >= 0.01 else "<1%")
@@ -593,13 +597,13 @@ def add_demo_parser(sub) -> None:
                    help="offer another VFM in the page, loaded on first use (repeatable), e.g. "
                         "dinov2_vitb14_reg=dinov2.safetensors")
     lim = p.add_argument_group("limits (shown in the page)")
-    lim.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default: %(default)s)")
-    lim.add_argument("--max-side", type=int, default=4096,
+    lim.add_argument("--max-upload-mb", type=float, default=DemoLimits.max_upload_mb, help="largest upload (default: %(default)s)")
+    lim.add_argument("--max-side", type=int, default=DemoLimits.max_side,
                      help="images with a longer side are refused (default: %(default)s)")
-    lim.add_argument("--work-side", type=int, default=1024,
+    lim.add_argument("--work-side", type=int, default=DemoLimits.work_side,
                      help="images with a longer side are downscaled to it before segmenting; the outputs "
                           "have that size (default: %(default)s)")
-    lim.add_argument("--max-classes", type=int, default=200, help="classes per request (default: %(default)s)")
+    lim.add_argument("--max-classes", type=int, default=DemoLimits.max_classes, help="classes per request (default: %(default)s)")
     add_model_args(p)
     add_inference_args(p)
     p.set_defaults(func=run_demo)
