@@ -21,7 +21,6 @@ better of the two), and the peak memory of one window, measured before anything 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -64,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="ProxyCLIP built with RANDOM weights")
     torch.manual_seed(0)
     fp32 = ProxyCLIP.build(ProxyCLIPConfig(clip="ViT-B-16", vfm="dino_vitb8"), random_weights=True)
-    bf16 = ProxyCLIP(
-        copy.deepcopy(fp32.clip_model).to(torch.bfloat16), fp32.tokenizer,
-        copy.deepcopy(fp32.vfm).to(torch.bfloat16), fp32.config,
-    )
+    bf16 = fp32.astype(torch.bfloat16)
     pixels = np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)  # H x W x 3
     image = fp32.preprocess(pixels)  # 3 x 336 x 448, CLIP-normalised
     text = F.normalize(torch.randn(args.queries, 512), dim=-1)  # Q x E

@@ -20,7 +20,6 @@ Exits 0 with a message when no CUDA device is present. Random weights of the rea
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 import warnings
@@ -64,8 +63,7 @@ def fidelity_and_speedup(args: argparse.Namespace) -> dict:
         (fp32.predict_logits(image, text, out_size=IMAGE_HW) - expected).abs().max()
     )
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        model = ProxyCLIP(copy.deepcopy(fp32.clip_model).to(dtype), fp32.tokenizer,
-                          copy.deepcopy(fp32.vfm).to(dtype), fp32.config).to(device)
+        model = fp32.astype(dtype)
         logits = model.predict_logits(image, text.to(dtype), out_size=IMAGE_HW)
         out["max_abs_diff_vs_reference_fp32"][f"ours {name}"] = float((logits - expected).abs().max())
         if name == "fp16":

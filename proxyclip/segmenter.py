@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -131,6 +132,12 @@ class ProxyCLIP(nn.Module):
         if vfm is not None:
             vfm.to(dtype)
         return cls(clip_model, tokenizer, vfm, config).to(device)
+
+    def astype(self, dtype: torch.dtype) -> ProxyCLIP:
+        """A copy whose models run in ``dtype`` (e.g. torch.bfloat16); the pixel normalisation
+        stays float32, as in :meth:`build`. The text cache is not shared (embeddings have a dtype)."""
+        vfm = None if self.vfm is None else copy.deepcopy(self.vfm).to(dtype)
+        return ProxyCLIP(copy.deepcopy(self.clip_model).to(dtype), self.tokenizer, vfm, self.config).to(self.device)
 
     def with_config(self, **changes) -> ProxyCLIP:
         """The same models with other inference settings (beta, gamma, window, threshold, ...)."""

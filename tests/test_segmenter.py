@@ -224,3 +224,17 @@ def test_window_sized_vfm_follows_the_configured_window():
     model.window_features(torch.randn(1, 3, 56, 112))  # a padded window of a small image
     model.with_config(window=168, stride=84).window_features(torch.randn(1, 3, 168, 168))
     assert vfm.sizes == [(112, 112), (168, 168)]
+
+
+def test_astype_copies_the_models_in_another_dtype():
+    from conftest import tiny_dino
+
+    model = tiny_model(vfm=tiny_dino())
+    low = model.astype(torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and next(low.vfm.parameters()).dtype == torch.bfloat16
+    assert model.dtype == torch.float32 and next(model.vfm.parameters()).dtype == torch.float32  # a copy
+    assert low.clip_mean.dtype == torch.float32  # the pixel normalisation stays float32, as in build
+    image = torch.randn(3, 112, 150)
+    ref = model.predict_logits(image, model.encode_classes(["a", "b"]))
+    out = low.predict_logits(image, low.encode_classes(["a", "b"]))
+    assert (out - ref).abs().max() < 0.05
