@@ -43,6 +43,7 @@ from proxyclip.bench import (
     time_calls,
     write_json_atomically,
 )
+from proxyclip.sliding import window_boxes
 
 IMAGE_HW = (375, 500)
 CPU = torch.device("cpu")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = fp32.astype(torch.bfloat16)
     pixels = np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)  # H x W x 3
     image = fp32.preprocess(pixels)  # 3 x 336 x 448, CLIP-normalised
-    text = F.normalize(torch.randn(args.queries, 512), dim=-1)  # Q x E
+    text = F.normalize(torch.randn(args.queries, fp32.clip_model.visual.proj.shape[1]), dim=-1)  # Q x E
 
     # Peak memory of one 336 x 336 window (the first window of the image), before anything is timed.
     window = image[None, :, :336, :336]  # 1 x 3 x 336 x 336
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_average_after": os.getloadavg(), "cpu_memory_in_clean_heap": clean_heap,
         "iters": args.iters,
-        "warmup": args.warmup, "image_hw": IMAGE_HW, "resized_hw": list(image.shape[-2:]), "windows": 2,
+        "warmup": args.warmup, "image_hw": IMAGE_HW, "resized_hw": list(image.shape[-2:]),
+        "windows": len(window_boxes(*image.shape[-2:], 336, 112)),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "memory_kind": memory["ours fp32"]["memory_kind"],
     }
     print(f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}; CLIP ViT-B/16 + DINO ViT-B/8 "

@@ -56,7 +56,7 @@ def fidelity_and_speedup(args: argparse.Namespace) -> dict:
     fp32 = ProxyCLIP.build(ProxyCLIPConfig(clip="ViT-B-16", vfm="dino_vitb8"), random_weights=True, device=device)
     pixels = np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)  # H x W x 3
     image = fp32.preprocess(pixels)  # 3 x 336 x 448 on the GPU
-    text = F.normalize(torch.randn(21, 512, device=device), dim=-1)  # Q x E
+    text = F.normalize(torch.randn(21, fp32.clip_model.visual.proj.shape[1], device=device), dim=-1)  # Q x E
     expected = ref.predict_logits(fp32, image, text, IMAGE_HW)  # Q x H x W, fp32 reference
     out: dict = {"max_abs_diff_vs_reference_fp32": {}}
     out["max_abs_diff_vs_reference_fp32"]["ours fp32"] = float(

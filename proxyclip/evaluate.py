@@ -43,6 +43,11 @@ RESULT_KIND = "proxyclip-eval-result"
 _PER_DATASET = ("window", "stride", "short_side", "long_side", "bg_threshold")  # settings that come from the preset
 
 
+def _settings(model: ProxyCLIP) -> dict:
+    """Every setting that decides the numbers (window_batch only decides memory)."""
+    return {k: v for k, v in asdict(model.config).items() if k != "window_batch"}
+
+
 # ---- processes ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ def config_id(model: ProxyCLIP, data: SegmentationDataset, overrides: dict | Non
     not part of it, so one configuration spans all datasets of a table row.
     """
     cfg = model.config
-    model_fields = {k: v for k, v in asdict(cfg).items() if k not in (*_PER_DATASET, "window_batch")}
+    model_fields = {k: v for k, v in _settings(model).items() if k not in _PER_DATASET}
     if cfg.method != "proxyclip":
         model_fields.pop("vfm")
     ident = {"model": model_fields, "dtype": str(model.dtype), "weights": digest or weights_digest(model),
@@ -171,7 +176,7 @@ def config_id(model: ProxyCLIP, data: SegmentationDataset, overrides: dict | Non
 
 def run_fingerprint(model: ProxyCLIP, data: SegmentationDataset, limit: int | None, digest: str | None = None) -> str:
     """Everything that decides a run's numbers: model, every setting, dataset, selection."""
-    ident = {"config": {k: v for k, v in asdict(model.config).items() if k != "window_batch"},
+    ident = {"config": _settings(model),
              "dtype": str(model.dtype), "weights": digest or weights_digest(model), "preset": asdict(data.preset),
              "ignore_index": data.ignore_index, "root": str(data.root.resolve()), "ids": data.ids_digest(),
              "limit": limit}
@@ -356,7 +361,7 @@ def evaluate(
         "published_ignore": data.published_ignore,
         "config_id": cid,
         "config_label": clabel,
-        "config": {k: v for k, v in asdict(model.config).items() if k != "window_batch"},
+        "config": _settings(model),
         "dtype": str(model.dtype).replace("torch.", ""),
         "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
         "world_size": dist.world,
