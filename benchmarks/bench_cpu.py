@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "memory_kind": memory["ours fp32"]["memory_kind"],
     }
     print(f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}; CLIP ViT-B/16 + DINO ViT-B/8 "
-          f"(random weights), {IMAGE_HW[1]}x{IMAGE_HW[0]} image -> {image.shape[-1]}x{image.shape[-2]}, 2 windows")
+          f"(random weights), {IMAGE_HW[1]}x{IMAGE_HW[0]} image -> {image.shape[-1]}x{image.shape[-2]}, {meta['windows']} windows")
     print(f"{'':<16} {'s/image':>8} {'speed-up':>8} {'max|dlogit|':>11} {'GFLOP':>7} {'GFLOP/s':>8} "
           f"{'mm GFLOP/s':>10} {'of mm':>6} {'window +MiB':>11}")
     for name, r in results.items():
