@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY_CLIP, tiny_clip
 from PIL import Image
 
+from proxyclip import ProxyCLIP, ProxyCLIPConfig
 from proxyclip.cli import main
 
 TINY = ["--clip", TINY_CLIP, "--vfm", "dino_vits16", "--random-weights", "--window", "112", "--stride", "56",
@@ -114,6 +115,14 @@ def test_local_clip_weights_are_loaded(images, tmp_path):
     loaded, _ = load_clip(TINY_CLIP, None, weights=str(path))
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+    # Through the command line (MaskCLIP needs no VFM weights): the file's model segments.
+    out = tmp_path / "o"
+    assert main(["segment", str(images / "a.jpg"), "--classes", "sky, dog", "--clip", TINY_CLIP, "--clip-weights",
+                 str(path), "--method", "maskclip", "--window", "112", "--stride", "56", "--short-side", "112",
+                 "--save-probs", "--out", str(out)]) == 0
+    config = ProxyCLIPConfig(clip=TINY_CLIP, method="maskclip", window=112, stride=56, short_side=112)
+    expected = ProxyCLIP(model, tiny_clip()[1], None, config).segment(images / "a.jpg", ["sky", "dog"])
+    np.testing.assert_allclose(np.load(out / "a_probs.npy"), expected.probs, atol=1e-5)
 
 
 def test_pickled_code_in_a_checkpoint_is_never_executed(images, tmp_path, capsys):
