@@ -15,7 +15,7 @@ Reported: seconds per image (median of --iters after --warmup), speed-up over th
 abs difference of the logits from the fp32 reference, achieved FLOP/s as a fraction of a large
 matmul's FLOP/s in the same dtype measured in this process (before and after the runs, the
 better of the two), and the peak memory of one window, measured before anything is timed
-(CPU resident-set rise, see proxyclip.bench.peak_memory and release_cpu_memory_eagerly).
+(CPU resident-set rise, see proxyclip.apps.bench.peak_memory and _heap.release_cpu_memory_eagerly).
 """
 
 from __future__ import annotations
@@ -31,19 +31,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle lives with the tests
+from _heap import release_cpu_memory_eagerly, reuse_cpu_memory
+from oracles import proxyclip_published as ref  # noqa: E402
+
 from proxyclip import ProxyCLIP, ProxyCLIPConfig
-from proxyclip import reference as ref
-from proxyclip.bench import (
+from proxyclip.apps.bench import (
     count_flops,
     device_name,
     matmul_throughput,
     peak_memory,
-    release_cpu_memory_eagerly,
-    reuse_cpu_memory,
     time_calls,
     write_json_atomically,
 )
-from proxyclip.sliding import window_boxes
+from proxyclip.model.sliding import window_boxes
 
 IMAGE_HW = (375, 500)
 CPU = torch.device("cpu")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from proxyclip.bench import device_name, time_calls, write_json_atomically
+from proxyclip.apps.bench import device_name, time_calls, write_json_atomically
 
 CPU = torch.device("cpu")
 B, H, L, D = 2, 12, 1765, 64  # two 336-px windows of DINO-B/8: 42 x 42 patches + the class token

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracle lives with the tests
+from oracles import proxyclip_published as ref  # noqa: E402
+
 from proxyclip import ProxyCLIP, ProxyCLIPConfig
-from proxyclip import reference as ref
-from proxyclip.bench import add_bench_parser, format_table, run_bench, time_calls, write_json_atomically
+from proxyclip.apps.bench import add_bench_parser, format_table, run_bench, time_calls, write_json_atomically
 
 IMAGE_HW = (375, 500)
 

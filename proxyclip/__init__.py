@@ -7,10 +7,10 @@
 """
 
 from .classes import ClassList, make_class_list, parse_classes, read_class_file
-from .clip import CLIP_MODELS
 from .errors import ProxyCLIPError
-from .segmenter import ProxyCLIP, ProxyCLIPConfig, Segmentation
-from .vfm import VFM_BUILDERS
+from .model.clip import CLIP_MODELS
+from .model.segmenter import ProxyCLIP, ProxyCLIPConfig, Segmentation
+from .model.vfm import VFM_BUILDERS
 
 __all__ = [
     "CLIP_MODELS",

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from proxyclip import ProxyCLIP, ProxyCLIPConfig
-from proxyclip.vfm import TimmViT
+from proxyclip.model.vfm import TimmViT
 
 TINY_CLIP = "proxyclip-test-tiny"
 open_clip.add_model_config(Path(__file__).parent / "configs" / f"{TINY_CLIP}.json")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from proxyclip.attention import aggregate_values, masked_softmax, normalised_similarity, proxy_attention
+from proxyclip.model.attention import aggregate_values, masked_softmax, normalised_similarity, proxy_attention
 
 
 def feats_from_tokens(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_gamma_sharpens_and_beta_sparsifies(beta, gamma):
 
 
 def test_ablation_variants():
-    from proxyclip.attention import ablation_attention
+    from proxyclip.model.attention import ablation_attention
 
     torch.manual_seed(0)
     feats = torch.randn(2, 16, 4, 5)

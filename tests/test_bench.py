@@ -10,8 +10,8 @@ import timm
 import torch
 from conftest import TINY_CLIP
 
-from proxyclip.bench import ROWS, count_flops, write_json_atomically
-from proxyclip.cli import main
+from proxyclip.apps.bench import ROWS, count_flops, write_json_atomically
+from proxyclip.apps.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from conftest import TINY_CLIP, tiny_clip
 from PIL import Image
 
 from proxyclip import ProxyCLIP, ProxyCLIPConfig
-from proxyclip.cli import main
+from proxyclip.apps.cli import main
 
 TINY = ["--clip", TINY_CLIP, "--vfm", "dino_vits16", "--random-weights", "--window", "112", "--stride", "56",
         "--short-side", "112"]
@@ -107,7 +107,7 @@ def test_local_clip_weights_are_loaded(images, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from proxyclip.clip import load_clip
+    from proxyclip.model.clip import load_clip
 
     model, _ = tiny_clip(seed=3)
     path = tmp_path / "clip.safetensors"
@@ -147,7 +147,7 @@ def test_vfm_weights_from_a_local_file(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from proxyclip.vfm import VFM_BUILDERS
+    from proxyclip.model.vfm import VFM_BUILDERS
 
     torch.manual_seed(0)
     ref = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0)
@@ -161,7 +161,7 @@ def test_vfm_weights_from_a_local_file(tmp_path):
 
 def test_missing_vfm_weights():
     from proxyclip.errors import WeightsError
-    from proxyclip.vfm import VFM_BUILDERS
+    from proxyclip.model.vfm import VFM_BUILDERS
 
     with pytest.raises(WeightsError, match="--vfm-weights"):
         VFM_BUILDERS["dino_vits16"]()

@@ -4,7 +4,7 @@ import open_clip
 import torch
 from conftest import tiny_clip
 
-from proxyclip.clip import encode_queries
+from proxyclip.model.clip import encode_queries
 
 
 def test_trimmed_text_encoding_equals_open_clip_zero_shot_classifier():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proxyclip.cli import main
-from proxyclip.datasets import (
+from proxyclip.apps.cli import main
+from proxyclip.evaluation.datasets import (
     DatasetError,
     SegmentationDataset,
     coco_object_jobs,
@@ -17,7 +17,7 @@ from proxyclip.datasets import (
     list_samples,
     read_label,
 )
-from proxyclip.presets import PRESETS, DatasetPreset
+from proxyclip.evaluation.presets import PRESETS, DatasetPreset
 
 
 def make_dataset(preset: DatasetPreset, root: Path, n: int = 4, size: tuple[int, int] = (40, 60), seed: int = 0) -> Path:

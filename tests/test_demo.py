@@ -10,9 +10,9 @@ import pytest
 from conftest import TINY_CLIP, tiny_clip, tiny_dino, tiny_model
 from PIL import Image
 
-from proxyclip import demo
-from proxyclip.cli import main, make_parser
-from proxyclip.demo import (
+from proxyclip.apps import demo
+from proxyclip.apps.cli import main, make_parser
+from proxyclip.apps.demo import (
     CUSTOM,
     EXAMPLES,
     EXAMPLES_DIR,
@@ -214,7 +214,7 @@ def test_compare_runs_three_methods_side_by_side(app):
 
 
 def test_requests_never_run_the_model_twice_at_once(app, monkeypatch):
-    from proxyclip.segmenter import ProxyCLIP
+    from proxyclip.model.segmenter import ProxyCLIP
 
     active, peak = [0], [0]
     segment = ProxyCLIP.segment

@@ -20,7 +20,7 @@ import pytest
 from conftest import TINY_CLIP
 from PIL import Image
 
-from proxyclip.demo import EXAMPLES_DIR, vocabulary
+from proxyclip.apps.demo import EXAMPLES_DIR, vocabulary
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,7 +28,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 TINY_CONFIG = Path(__file__).parent / "configs" / f"{TINY_CLIP}.json"
 # The real CLI entry point, with the tiny test CLIP registered first (as conftest does in-process).
 BOOT = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-        "from proxyclip.cli import main; sys.exit(main(sys.argv[2:]))")
+        "from proxyclip.apps.cli import main; sys.exit(main(sys.argv[2:]))")
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("CI"):

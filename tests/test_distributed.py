@@ -10,8 +10,8 @@ from pathlib import Path
 
 from test_datasets import make_dataset
 
-from proxyclip.evaluate import DistInfo, init_distributed
-from proxyclip.presets import PRESETS
+from proxyclip.evaluation.presets import PRESETS
+from proxyclip.evaluation.runner import DistInfo, init_distributed
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -24,10 +24,10 @@ import sys
 sys.path.insert(0, {str(TESTS)!r})
 import torch
 import conftest
-from proxyclip.vfm import VFM_BUILDERS
+from proxyclip.model.vfm import VFM_BUILDERS
 VFM_BUILDERS["dino_vits16"] = lambda **kwargs: conftest.tiny_dino()
 torch.manual_seed(0)
-from proxyclip.cli import main
+from proxyclip.apps.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -15,11 +15,11 @@ from conftest import TINY_CLIP, tiny_dino, tiny_model
 from PIL import Image
 from test_datasets import make_dataset
 
-from proxyclip.cli import main
-from proxyclip.datasets import DatasetError, SegmentationDataset
-from proxyclip.evaluate import collect_results, evaluate, preset_config, table1
-from proxyclip.metrics import intersect_and_union, summarize
-from proxyclip.presets import PRESETS
+from proxyclip.apps.cli import main
+from proxyclip.evaluation.datasets import DatasetError, SegmentationDataset
+from proxyclip.evaluation.metrics import intersect_and_union, summarize
+from proxyclip.evaluation.presets import PRESETS
+from proxyclip.evaluation.runner import collect_results, evaluate, preset_config, table1
 
 FAST = {"window": 112, "stride": 56, "short_side": 64}  # resizing still happens (40 x 60 -> 64 x 96)
 CLI_TINY = ["--clip", TINY_CLIP, "--vfm", "dino_vits16", "--random-weights", "--window", "112", "--stride", "56",
@@ -196,7 +196,7 @@ def test_table1_layout():
 @pytest.fixture(autouse=True)
 def tiny_vfm(monkeypatch):
     """The command's "dino_vits16" builds the tiny DINO of conftest (the CLI path stays the same)."""
-    from proxyclip.vfm import VFM_BUILDERS
+    from proxyclip.model.vfm import VFM_BUILDERS
 
     monkeypatch.setitem(VFM_BUILDERS, "dino_vits16", lambda **kwargs: tiny_dino())
 

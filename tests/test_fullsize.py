@@ -6,9 +6,9 @@ import torch
 from open_clip.transformer import QuickGELU
 from PIL import Image
 
-from proxyclip.cli import main
-from proxyclip.clip import load_clip
-from proxyclip.vfm import VFM_BUILDERS
+from proxyclip.apps.cli import main
+from proxyclip.model.clip import load_clip
+from proxyclip.model.vfm import VFM_BUILDERS
 
 pytestmark = pytest.mark.fullsize
 
@@ -27,7 +27,7 @@ def test_cli_vitb16_dino_vitb8(tmp_path):
 
 
 def test_openai_weights_get_quickgelu():
-    from proxyclip.clip import _uses_quick_gelu
+    from proxyclip.model.clip import _uses_quick_gelu
 
     model, _ = load_clip("ViT-B-16", "openai", random_weights=True)
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
@@ -54,7 +54,7 @@ def test_vfm_feature_grids(name, window, grid, channels):
 
 def test_dino_positional_embedding_follows_the_published_recipe():
     """Tokens at 336 px use the DINO recipe, not timm's antialiased resize."""
-    from proxyclip.pos_embed import resize_pos_embed_with_cls
+    from proxyclip.model.pos_embed import resize_pos_embed_with_cls
 
     vfm = VFM_BUILDERS["dino_vitb16"](random_weights=True)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from proxyclip.metrics import intersect_and_union, summarize
+from proxyclip.evaluation.metrics import intersect_and_union, summarize
 
 PRED = torch.tensor([[0, 1, 2], [1, 1, 0]])
 LABEL = torch.tensor([[0, 1, 1], [255, 1, 2]])

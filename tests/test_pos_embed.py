@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proxyclip.pos_embed import resize_patch_pos_embed, resize_pos_embed_with_cls
+from proxyclip.model.pos_embed import resize_patch_pos_embed, resize_pos_embed_with_cls
 
 
 def test_unchanged_grid_returns_the_embedding():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from proxyclip.apps.cli import main
 from proxyclip.classes import read_class_file
-from proxyclip.cli import main
 from proxyclip.errors import ProxyCLIPError
-from proxyclip.presets import (
+from proxyclip.evaluation.presets import (
     PRESETS,
     TABLE1_LARGE,
     TABLE1_MAIN,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_dino, tiny_model
+from oracles import proxyclip_published as ref
 from torch import nn
 
 from proxyclip import ProxyCLIP, ProxyCLIPConfig
-from proxyclip import reference as ref
 
 CLASSES = [["cat", "kitten"], ["dog"], ["grass", "lawn", "meadow"], ["sky"]]
 

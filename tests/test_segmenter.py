@@ -167,7 +167,7 @@ def test_config_validation():
 
 @pytest.mark.parametrize("src,dst", [((7, 9), (50, 61)), ((40, 30), (13, 17)), ((5, 5), (5, 8)), ((1, 3), (9, 4))])
 def test_resize_rows_equals_bilinear_interpolation(src, dst):
-    from proxyclip.segmenter import resize_rows
+    from proxyclip.model.segmenter import resize_rows
 
     torch.manual_seed(0)
     logits = torch.randn(3, *src)

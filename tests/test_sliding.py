@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from proxyclip.sliding import crop_windows, pad_amounts, slide_logits, window_boxes
+from proxyclip.model.sliding import crop_windows, pad_amounts, slide_logits, window_boxes
 
 
 @pytest.mark.parametrize("h,w", [(336, 336), (336, 448), (500, 375), (100, 700), (20, 30), (1, 1)])

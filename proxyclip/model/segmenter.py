@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..classes import ClassList, make_class_list
+from ..errors import ProxyCLIPError
+from ..images import ImageInput, load_image, resize_keep_ratio
 from . import clip as clip_lib
 from .attention import ATTENTION_VARIANTS, ablation_attention, aggregate_values
-from .classes import ClassList, make_class_list
-from .errors import ProxyCLIPError
-from .images import ImageInput, load_image, resize_keep_ratio
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .classes import ClassList
-from .errors import ProxyCLIPError
+from ..classes import ClassList
+from ..errors import ProxyCLIPError
 from .presets import TYPICAL_ROOTS, DatasetPreset
 
 
@@ -228,7 +228,7 @@ def coco_object_jobs(root: str | Path) -> list[tuple[Path, Path, str]]:
 
 def convert_coco_object_label(source: Path, target: Path, kind: str) -> None:
     """Write one COCO-Object label map (8-bit gray PNG), atomically."""
-    from .images import write_atomically
+    from ..images import write_atomically
 
     labels = read_label(source, "uint8")  # H x W int64, 0..255
     write_atomically({target: Image.fromarray(coco_object_lut(kind)[labels])})

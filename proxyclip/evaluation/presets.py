@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
-from .classes import ClassList, read_class_file
-from .errors import ProxyCLIPError
+from ..classes import ClassList, read_class_file
+from ..errors import ProxyCLIPError
 
 LABEL_DTYPES = ("uint8", "uint16")
 

@@ -1,21 +1,16 @@
-"""The ``proxyclip`` command: a thin layer over the library.
+"""Command-line options shared by the sub-commands: models, weights, method settings, device.
 
-Exit codes: 0 success; 1 some inputs failed (the others were processed); 2 bad usage or
-configuration (class names, weights, output folder), nothing processed.
+Exit codes of every command: 0 success; 1 some inputs failed (the others were processed); 2 bad
+usage or configuration (class names, weights, output folder), nothing processed.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 import tempfile
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ProxyCLIPError
+from ..errors import ProxyCLIPError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -23,8 +18,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose the models and their weights (shared by every sub-command)."""
-    from .clip import CLIP_MODELS
-    from .vfm import VFM_BUILDERS
+    from ..model.clip import CLIP_MODELS
+    from ..model.vfm import VFM_BUILDERS
 
     g = parser.add_argument_group("models and weights")
     g.add_argument("--clip", default="ViT-B-16", metavar="NAME",
@@ -79,8 +74,8 @@ def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336
 
 def config_from_args(args: argparse.Namespace, **preset):
     """A ProxyCLIPConfig from the parsed options; ``preset`` fills options left at None."""
-    from .clip import default_pretrained
-    from .segmenter import ProxyCLIPConfig
+    from ..model.clip import default_pretrained
+    from ..model.segmenter import ProxyCLIPConfig
 
     def pick(name: str):
         value = getattr(args, name, None)
@@ -131,7 +126,7 @@ def resolve_dtype(precision: str, device):
 def build_model(args: argparse.Namespace, config):
     """Build the segmenter the options describe."""
 
-    from .segmenter import ProxyCLIP
+    from ..model.segmenter import ProxyCLIP
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
@@ -155,135 +150,3 @@ def ensure_writable_dir(path: Path) -> None:
         raise ProxyCLIPError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
 
 
-# ---- proxyclip segment -----------------------------------------------------------------------
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Folders become the image files directly inside them (sorted); files stay as given."""
-    out: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise ProxyCLIPError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out.extend(found)
-        else:
-            out.append(item)
-    return out
-
-
-def _add_segment(sub) -> None:
-    p = sub.add_parser(
-        "segment",
-        help="segment images into named classes",
-        description="Segment images into any classes you name. For each IMAGE, writes into --out: "
-                    "NAME.png (palette label map: pixel value = class index), NAME_overlay.png (colours and a "
-                    "legend) and, with --save-probs, NAME_probs.npy (C x H x W float32 class probabilities).",
-    )
-    p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (JPEG, PNG, TIFF, WebP, ...) or folders of them")
-    cls = p.add_mutually_exclusive_group(required=True)
-    cls.add_argument("--classes", metavar="LIST",
-                     help='class names separated by commas, synonyms of one class by semicolons: "cat; kitten, dog, sky"')
-    cls.add_argument("--classes-file", metavar="FILE",
-                     help='a text file with one class a line, synonyms separated by "; "')
-    p.add_argument("--out", "-o", default="proxyclip_out", type=Path, help="output folder (default: %(default)s)")
-    p.add_argument("--save-probs", action="store_true", help="also save the class probabilities as NAME_probs.npy")
-    p.add_argument("--no-overlay", action="store_true", help="do not write the colour overlay")
-    add_model_args(p)
-    add_inference_args(p)
-    p.set_defaults(func=run_segment)
-
-
-def run_segment(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .classes import parse_classes, read_class_file
-    from .images import label_image, load_image, overlay_image, write_atomically
-
-    classes = read_class_file(args.classes_file) if args.classes_file else parse_classes(args.classes)
-    args.images = expand_inputs(args.images)
-    stems: dict[str, str] = {}
-    for image in args.images:
-        stem = Path(image).stem
-        if stem in stems:
-            raise ProxyCLIPError(f"{stems[stem]} and {image} would write the same output names; segment them in separate runs")
-        stems[stem] = image
-    model = build_model(args, config_from_args(args))  # missing weights stop the run before the folder is made
-    ensure_writable_dir(args.out)
-    failed = 0
-    bar = tqdm(args.images, unit="img", disable=len(args.images) < 2, file=sys.stderr)
-    for image in bar:
-        try:
-            pixels = load_image(image)
-            result = model.segment(pixels, classes, return_probs=args.save_probs)
-            stem = Path(image).stem
-            outputs: dict[Path, object] = {args.out / f"{stem}.png": label_image(result.labels, len(classes))}
-            if not args.no_overlay:
-                outputs[args.out / f"{stem}_overlay.png"] = overlay_image(pixels, result.labels, classes.display_names)
-            if args.save_probs:
-                outputs[args.out / f"{stem}_probs.npy"] = result.probs
-            write_atomically(outputs)
-        except (ProxyCLIPError, OSError) as exc:
-            failed += 1
-            tqdm.write(f"proxyclip: error: {exc}", file=sys.stderr)
-    done = len(args.images) - failed
-    print(f"segmented {done} of {len(args.images)} images into {len(classes)} classes; outputs in {args.out}",
-          file=sys.stderr)
-    return EXIT_PARTIAL if failed else EXIT_OK
-
-
-# ---- entry point -----------------------------------------------------------------------------
-
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="proxyclip",
-        description="Training-free open-vocabulary semantic segmentation with ProxyCLIP (ECCV 2024).",
-    )
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="show the log messages of open_clip, timm and huggingface_hub (hidden by default; "
-                             "errors are always reported in one line)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_segment(sub)
-    from .evaluate import add_eval_parsers
-
-    add_eval_parsers(sub)
-    from .demo import add_demo_parser
-
-    add_demo_parser(sub)
-    from .bench import add_bench_parser
-
-    add_bench_parser(sub)
-    return parser
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line, without the source line Python would print under them."""
-    print(f"proxyclip: warning: {message}", file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if not args.verbose:  # the libraries log download retries and random-weight notes; our errors say enough
-        logging.disable(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            return args.func(args)
-    except ProxyCLIPError as exc:
-        print(f"proxyclip: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("proxyclip: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

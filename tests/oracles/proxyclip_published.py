@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import clip_normalisation, clip_patch_size
-from .vfm import TimmViT
+from proxyclip.model.clip import clip_normalisation, clip_patch_size
+from proxyclip.model.vfm import TimmViT
 
 
 def _published_pos_interpolation(patch_pos: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -35,7 +35,6 @@ cost), made, like the models, outside the timed region.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import platform
 import resource
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .errors import ProxyCLIPError
+from ..errors import ProxyCLIPError
 
 ROWS = ("clip", "maskclip", "proxyclip-dino-b16", "proxyclip-dino-b8", "whole-image")
 WHOLE_IMAGE = (375, 500)  # H x W: a typical PASCAL VOC photo (500 x 375)
@@ -121,43 +120,6 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
     return statistics.median(times)
 
 
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only)
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def release_cpu_memory_eagerly() -> bool:
-    """Memory phase: glibc maps every block >= 64 KiB on its own and trims its heap at once, so the
-    resident set follows the live tensors. Call it before anything big is allocated: once a heap
-    has served large blocks, its pages stay scattered and inflate later measurements.
-
-    Process-wide; returns whether it took effect (glibc only).
-    """
-    libc = _libc()
-    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024) == 1
-                and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1)
-
-
-def reuse_cpu_memory() -> None:
-    """Timing phase: blocks under 32 MiB come from the heap again and freed memory is kept for
-    reuse, as glibc's dynamic threshold settles in a long-running process (mapping every block
-    would add page faults that no user's process pays). Measure memory before calling it.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * MIB)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * MIB)
-
-
 def _proc_status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -179,9 +141,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return {"peak_mib": peak / MIB, "extra_mib": (peak - base) / MIB, "memory_kind": "cuda max_memory_allocated"}
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
     base = _proc_status_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -217,8 +176,8 @@ class ModelPool:
     """CLIP built once, each VFM once; a ProxyCLIP per row shares them."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-        from .clip import default_pretrained
-        from .segmenter import ProxyCLIP, ProxyCLIPConfig
+        from ..model.clip import default_pretrained
+        from ..model.segmenter import ProxyCLIP, ProxyCLIPConfig
 
         self.args, self.device, self.dtype = args, device, dtype
         self.base = ProxyCLIPConfig(
@@ -233,8 +192,8 @@ class ModelPool:
     def model(self, row: Row):
         from dataclasses import replace
 
-        from .segmenter import ProxyCLIP
-        from .vfm import VFM_BUILDERS
+        from ..model.segmenter import ProxyCLIP
+        from ..model.vfm import VFM_BUILDERS
 
         vfm = None
         if row.method == "proxyclip":
@@ -279,8 +238,8 @@ def measure_row(
     """Parameters, FLOPs and peak memory of one row, and its calls per batch for :func:`time_row`."""
     import numpy as np
 
-    from .images import rescaled_size
-    from .sliding import window_boxes
+    from ..images import rescaled_size
+    from ..model.sliding import window_boxes
 
     model = pool.model(row)
     device, window = pool.device, args.window
@@ -335,24 +294,21 @@ def time_row(out: dict, calls: dict[int, Callable[[], None]], device: torch.devi
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from .cli import resolve_device, resolve_dtype
+    from .options import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
     if args.window <= 0 or args.stride <= 0 or args.iters <= 0 or args.warmup < 0 or args.queries <= 0:
         raise ProxyCLIPError("--window, --stride, --iters and --queries must be positive, --warmup not negative")
     rows, batches = _rows(args), _parse_batches(args.batches)
-    cpu_heap_clean = device.type == "cpu" and release_cpu_memory_eagerly()
     torch.manual_seed(0)
     pool = ModelPool(args, device, dtype)
     embed_dim = pool.clip.clip_model.visual.proj.shape[1]
     text = F.normalize(torch.randn(args.queries, embed_dim), dim=-1).to(device, dtype)  # Q x E
     measured = []
-    for row in rows:  # memory of every row first (see release_cpu_memory_eagerly), then the timings
+    for row in rows:  # memory of every row first, then the timings
         print(f"proxyclip bench: {row.name}: FLOPs, memory ...", file=sys.stderr, flush=True)
         measured.append(measure_row(row, pool, text, batches, args))
-    if device.type == "cpu":
-        reuse_cpu_memory()
     with torch.inference_mode():
         peak = matmul_throughput(device, dtype, args.matmul_size)
     results = []
@@ -369,7 +325,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "clip": args.clip,
             "random_weights": args.random_weights, "window": args.window, "stride": min(args.stride, args.window),
             "queries": args.queries, "warmup": args.warmup, "iters": args.iters, "batches": batches,
-            "cpu_memory_in_clean_heap": cpu_heap_clean, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "matmul": {"n": args.matmul_size, "dtype": args.precision, "tflops": peak / 1e12},
         "rows": results,
@@ -414,7 +370,7 @@ def format_table(result: dict) -> str:
 
 def write_json_atomically(data: dict, path: Path) -> None:
     """Write ``data`` as JSON to ``path``, whole or not at all."""
-    from .images import write_atomically
+    from ..images import write_atomically
 
     write_atomically({Path(path): json.dumps(data, indent=2) + "\n"})
 
@@ -441,8 +397,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     """Register ``proxyclip bench`` on the CLI's sub-parsers."""
-    from .cli import PRECISIONS
-    from .vfm import VFM_BUILDERS
+    from ..model.vfm import VFM_BUILDERS
+    from .options import PRECISIONS
 
     p = sub.add_parser(
         "bench",

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .classes import ClassList, parse_classes
-from .errors import ClassNamesError, ImageError, ProxyCLIPError
+from ..classes import ClassList, parse_classes
+from ..errors import ClassNamesError, ImageError, ProxyCLIPError
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent.parent / "data"
 EXAMPLES_DIR = DATA_DIR / "examples"
 WEB_EXTRA_HINT = "install the web extra: pip install 'proxyclip[web]'"
 
@@ -98,7 +98,7 @@ def vocabulary(label: str) -> tuple[ClassList, tuple[str, ...], float]:
     Classes whose first name is a bag of background words (VOC, COCO-Object: class 0 with a
     background threshold) are shown as "background".
     """
-    from .presets import get_preset
+    from ..evaluation.presets import get_preset
 
     if label not in VOCABULARIES:
         raise DemoInputError(f"unknown vocabulary {label!r}; choose one of {', '.join(VOCABULARIES)}")
@@ -147,7 +147,7 @@ def read_upload(path: str | os.PathLike, limits: DemoLimits) -> tuple[np.ndarray
     if max(width, height) > limits.max_side:
         raise ImageError(f"the image is {width} x {height} px; the limit is {limits.max_side} px a side: "
                          "downscale it first")
-    from .images import load_image
+    from ..images import load_image
 
     try:
         pixels = load_image(path)
@@ -199,7 +199,7 @@ class ModelStore:
 
     def get(self, clip: str, vfm: str):
         """The ProxyCLIP of this CLIP and VFM, loading either on first use (not thread-safe: lock around it)."""
-        from .segmenter import ProxyCLIP
+        from ..model.segmenter import ProxyCLIP
 
         if clip not in self._clip_loaders:
             raise DemoInputError(f"unknown CLIP {clip!r}; this demo offers {', '.join(self._clip_loaders)}")
@@ -248,13 +248,13 @@ class DemoResult:
 
     def annotations(self) -> list[tuple[np.ndarray, str]]:
         """(H x W float mask: MASK_OPACITY inside the class, 0 elsewhere; name) of each class present, largest first."""
-        from .images import classes_by_area
+        from ..images import classes_by_area
 
         return [((self.labels == c) * MASK_OPACITY, self.names[c]) for c, _ in classes_by_area(self.labels)]
 
     def color_map(self) -> dict[str, str]:
         """Class name -> "#rrggbb", the label PNG's palette colours."""
-        from .images import palette
+        from ..images import palette
 
         colours = palette(len(self.names))
         return {name: "#{:02x}{:02x}{:02x}".format(*colours[c]) for c, name in enumerate(self.names)}
@@ -341,7 +341,7 @@ class DemoApp:
 
     def _finish(self, pixels, original_size, names, runs, settings, image_name, load_seconds,
                 text_seconds) -> DemoResult:
-        from .images import classes_by_area, label_image, overlay_image, write_atomically
+        from ..images import classes_by_area, label_image, overlay_image, write_atomically
 
         labels, seconds = runs[settings.method]
         overlay = overlay_image(pixels, labels, names)
@@ -563,7 +563,7 @@ def _clip_spec(text: str) -> tuple[str, str | None, str | None]:
 
 def _vfm_spec(text: str) -> tuple[str, str | None]:
     """NAME[=FILE] -> (name, file)."""
-    from .vfm import VFM_BUILDERS
+    from ..model.vfm import VFM_BUILDERS
 
     name, _, weights = text.partition("=")
     if name not in VFM_BUILDERS:
@@ -573,7 +573,7 @@ def _vfm_spec(text: str) -> tuple[str, str | None]:
 
 def add_demo_parser(sub) -> None:
     """Register ``proxyclip demo`` on the CLI's sub-parsers."""
-    from .cli import add_inference_args, add_model_args
+    from .options import add_inference_args, add_model_args
 
     p = sub.add_parser(
         "demo",
@@ -613,9 +613,9 @@ def make_app(args: argparse.Namespace) -> DemoApp:
     """Build the models the options name (the defaults now, the --add-* ones on first use) and the app."""
     from functools import partial
 
-    from .cli import build_model, config_from_args
-    from .clip import default_pretrained, load_clip
-    from .vfm import VFM_BUILDERS
+    from ..model.clip import default_pretrained, load_clip
+    from ..model.vfm import VFM_BUILDERS
+    from .options import build_model, config_from_args
 
     if min(args.max_upload_mb, args.max_side, args.work_side, args.max_classes, args.queue_size) <= 0:
         raise ProxyCLIPError("--max-upload-mb, --max-side, --work-side, --max-classes and --queue-size must be positive")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import WeightsError
+from ..errors import WeightsError
 from .pos_embed import resize_pos_embed_with_cls
 
 

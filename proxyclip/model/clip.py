@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from .errors import ProxyCLIPError, WeightsError
+from ..errors import ProxyCLIPError, WeightsError
 from .pos_embed import resize_pos_embed_with_cls
 
 # The CLIP models of the paper: open_clip name -> default pretrained tag.
