@@ -94,7 +94,7 @@ def pamr(
         neighbours = [n for d in dilations for n in _shifted(mask, NEIGHBOURS, d)]  # P x [B x Q x H x W]
         out = neighbours[0] * weights[:, None, 0]
         for p in range(1, len(neighbours)):
-            out += neighbours[p] * weights[:, None, p]  # B x Q x H x W
+            out.addcmul_(neighbours[p], weights[:, None, p])  # B x Q x H x W, no temporary
         mask = out
     return mask
 
