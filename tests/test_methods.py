@@ -17,7 +17,6 @@ from proxyclip.errors import ProxyCLIPError
 from proxyclip.model.clip import ClipAdapter
 from proxyclip.model.methods import METHODS, MethodSpec, Windows, register_method
 
-
 # ---- a toy method, written as a user would: one spec, one builder --------------------------------
 
 @dataclass(frozen=True)
@@ -215,7 +214,7 @@ def test_adapter_sizes():
 def test_every_method_gives_unit_features_on_its_grid():
     torch.manual_seed(0)
     windows = torch.randn(2, 3, 112, 112)
-    for name, spec in METHODS.items():
+    for name in METHODS:
         feats = tiny_model(method=name).window_features(windows)
         assert feats.dim() == 4 and feats.shape[0] == 2, name
         torch.testing.assert_close(feats.norm(dim=1), torch.ones_like(feats[:, 0]), msg=name)

@@ -89,7 +89,7 @@ class Windows:
                 raise ValueError("this method needs a VFM, but none was built")
             # re-normalised in float32, then cast to the VFM's dtype, as the published runs do
             pixels = self.to_vfm_input(self.source.float())  # N x 3 x h x w
-            pixels = pixels.to(next(self.vfm.parameters()).dtype)
+            pixels = pixels.to(next((p.dtype for p in self.vfm.parameters()), pixels.dtype))
             if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
                 pixels = F.interpolate(pixels, size=(self.window, self.window), mode="bilinear", align_corners=False)
             self._vfm_features = self.vfm(pixels)
