@@ -10,7 +10,6 @@ from published_methods import SIZES, fullsize_model, max_diff, tiny, window_diff
 from proxyclip.evaluation.presets import PRESETS
 from proxyclip.evaluation.runner import dataset_settings
 from proxyclip.model.methods.clearclip import self_self_attention_weights
-from proxyclip.model.methods.sclip import split_heads
 
 
 @pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
@@ -44,7 +43,7 @@ def test_qq_attention_is_symmetric_before_the_softmax():
     clip = model.clip
     x = clip.last_block_input(torch.randn(1, 3, 64, 96))
     block = clip.block(-1)
-    q, k, _ = (split_heads(t, block.heads) for t in block.qkv(block.ln_1(x)))
+    q, k, _ = (block.split_heads(t) for t in block.qkv(block.ln_1(x)))
     scores = q @ q.transpose(-2, -1)  # the q-q similarity
     torch.testing.assert_close(scores, scores.transpose(-2, -1))
     weights = self_self_attention_weights(q)

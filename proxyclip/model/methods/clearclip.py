@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 from ..._lazy import F
 from . import register_method
 from .base import MethodSpec, NoOptions, Windows
-from .sclip import merge_heads, split_heads
 
 if TYPE_CHECKING:
     import torch
@@ -31,9 +30,9 @@ def build(options: object):
         clip = windows.clip
         x = clip.last_block_input(windows.pixels)  # N x (1 + hw) x D
         block = clip.block(-1)
-        q, _, v = (split_heads(t, block.heads) for t in block.qkv(block.ln_1(x)))  # N x H x (1 + hw) x d
+        q, _, v = (block.split_heads(t) for t in block.qkv(block.ln_1(x)))  # N x H x (1 + hw) x d
         attn = F.scaled_dot_product_attention(q[:, :, 1:], q, v)  # N x H x hw x d: q-q attention, patch rows
-        z = clip.project(block.out_proj(merge_heads(attn)))  # N x hw x E: no residual, no feed-forward
+        z = clip.project(block.out_proj(block.merge_heads(attn)))  # N x hw x E: no residual, no feed-forward
         return clip.to_map(z, clip.grid(windows.pixels))  # N x E x h x w
 
     return clearclip

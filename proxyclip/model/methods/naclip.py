@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from ..._lazy import F, torch
 from . import register_method
 from .base import MethodSpec, Windows
-from .sclip import merge_heads, split_heads
 
 if TYPE_CHECKING:
     import torch as torch_
@@ -68,10 +67,10 @@ def build(options: NACLIPOptions):
         grid = clip.grid(windows.pixels)
         x = clip.last_block_input(windows.pixels)  # N x (1 + hw) x D
         block = clip.block(-1)
-        _, k, v = (split_heads(t, block.heads) for t in block.qkv(block.ln_1(x)))  # N x H x (1 + hw) x d
+        _, k, v = (block.split_heads(t) for t in block.qkv(block.ln_1(x)))  # N x H x (1 + hw) x d
         omega = neighbourhood_bias(grid, options.gaussian_std, k.dtype, k.device)[1:]  # hw x (1 + hw)
         attn = F.scaled_dot_product_attention(k[:, :, 1:], k, v, attn_mask=omega)  # N x H x hw x d
-        z = clip.project(block.out_proj(merge_heads(attn)))  # N x hw x E: no residual, no feed-forward
+        z = clip.project(block.out_proj(block.merge_heads(attn)))  # N x hw x E: no residual, no feed-forward
         return clip.to_map(z, grid)  # N x E x h x w
 
     return naclip

@@ -21,18 +21,6 @@ if TYPE_CHECKING:
     import torch as torch_
 
 
-def split_heads(x: torch_.Tensor, heads: int) -> torch_.Tensor:
-    """B x L x D -> B x H x L x D/H (heads concatenated head-major along D, as nn.MultiheadAttention)."""
-    b, n, d = x.shape
-    return x.reshape(b, n, heads, d // heads).transpose(1, 2)  # B x H x L x d
-
-
-def merge_heads(x: torch_.Tensor) -> torch_.Tensor:
-    """B x H x L x d -> B x L x H*d."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)  # B x L x D
-
-
 def correlative_attention_weights(q: torch_.Tensor, k: torch_.Tensor) -> torch_.Tensor:
     """SCLIP's correlative self-attention: ``softmax(q q^T s) + softmax(k k^T s)``, s = d^-1/2.
 
@@ -66,8 +54,8 @@ def build(options: object):
         clip = windows.clip
         x = clip.last_block_input(windows.pixels)  # N x (1 + hw) x D
         block = clip.block(-1)
-        q, k, v = (split_heads(t, block.heads) for t in block.qkv(block.ln_1(x)))  # N x H x (1 + hw) x d each
-        attn = merge_heads(correlative_attention(q, k, v, first=1))  # N x hw x D, patch tokens only
+        q, k, v = (block.split_heads(t) for t in block.qkv(block.ln_1(x)))  # N x H x (1 + hw) x d each
+        attn = block.merge_heads(correlative_attention(q, k, v, first=1))  # N x hw x D, patch tokens only
         x = x[:, 1:] + block.ls_1(block.out_proj(attn))  # the residual is kept
         x = x + block.ls_2(block.mlp(block.ln_2(x)))  # and the feed-forward
         return clip.to_map(clip.project(x), clip.grid(windows.pixels))  # N x E x h x w
