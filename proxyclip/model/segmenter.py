@@ -19,6 +19,7 @@ from ..errors import ProxyCLIPError
 from ..images import ImageInput, load_image, resize_keep_ratio
 from . import clip as clip_lib
 from .attention import ATTENTION_VARIANTS, ablation_attention, aggregate_values
+from .pixels import clip_input_constants, clip_to_vfm_input, normalise_clip_input
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
 
@@ -177,8 +178,8 @@ class ProxyCLIP(nn.Module):
     # ---- tensor level -------------------------------------------------------------------
     def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised windows -> the same pixels normalised for the VFM (padding included)."""
-        pixels = windows * self.clip_std.to(windows.dtype) + self.clip_mean.to(windows.dtype)
-        return (pixels - self.vfm_mean.to(windows.dtype)) / self.vfm_std.to(windows.dtype)
+        clip_mean, clip_std = clip_lib.clip_normalisation(self.clip_model.visual)
+        return clip_to_vfm_input(windows, clip_mean, clip_std, self.vfm.mean, self.vfm.std)  # as published
 
     def window_features(self, windows: torch.Tensor) -> torch.Tensor:
         """Dense CLIP features of a batch of windows.
@@ -300,13 +301,14 @@ class ProxyCLIP(nn.Module):
 
     # ---- image level --------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule)."""
+        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule, OpenCV
+        INTER_LINEAR as mmcv; normalised with the published constants, :mod:`proxyclip.model.pixels`)."""
         cfg = self.config
         pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)  # 3 x H x W uint8
         if cfg.short_side is not None:
             pixels = resize_keep_ratio(pixels, cfg.short_side, cfg.long_side)
-        pixels = pixels.to(self.device, torch.float32) / 255.0
-        return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
+        mean_255, std_255 = clip_input_constants(*clip_lib.clip_normalisation(self.clip_model.visual))
+        return normalise_clip_input(pixels.to(self.device), mean_255, std_255)  # 3 x h x w, as published
 
     @torch.inference_mode()
     def segment(
