@@ -16,7 +16,6 @@ from pathlib import Path
 import open_clip
 import timm
 import torch
-
 from oracles.proxyclip_published import PublishedVFM
 
 # kind -> (VFM_BUILDERS key, timm model name, tiny timm kwargs, heads)

@@ -17,6 +17,7 @@ and mis-shaped keys (the first few and how many).
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 
@@ -53,7 +54,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state = load_file(path, device="cpu")
         elif is_torchscript(path):
-            state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": still how these files are read
+                warnings.simplefilter("ignore", FutureWarning)
+                state = dict(torch.jit.load(path, map_location="cpu").state_dict())
             for key in _OPENAI_JIT_EXTRAS:
                 state.pop(key, None)
         else:
@@ -105,6 +108,12 @@ def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: s
         WeightsError: one line naming the unexpected, missing and mis-shaped keys.
     """
     own = model.state_dict()
+    computed = {  # non-persistent buffers (e.g. CLIP's attention mask): some files carry them, none needs them
+        f"{name}.{buf}" if name else buf
+        for name, module in model.named_modules()
+        for buf in getattr(module, "_non_persistent_buffers_set", ())
+    }
+    state = {k: v for k, v in state.items() if k not in computed}
     misshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]
