@@ -40,19 +40,21 @@ def _jitter(state: dict[str, torch.Tensor], scale: float = 0.1) -> dict[str, tor
     return {k: v + scale * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def original_state(kind: str, seed: int = 0, decoder: bool = False, **overrides) -> dict:
+def original_state(kind: str, seed: int = 0, decoder: bool = False, full: bool = False, jitter: float = 0.1,
+                   **overrides) -> dict:
     """A tiny random checkpoint of ``kind`` in its original layout (what ``torch.save`` would write).
 
     Args:
         decoder: MAE only: also the decoder's keys (``mae_pretrain_vit_base_full.pth``).
-        overrides: timm kwargs replacing the tiny defaults (e.g. the full-size architecture: ``{}``
-            with ``full=True`` semantics is spelled by passing the real sizes).
+        full: the full-size architecture (timm's defaults) instead of the tiny one.
+        jitter: the standard deviation of the noise added to every tensor.
+        overrides: timm kwargs replacing the tiny defaults.
     """
     _, name, kwargs, _ = TINY_VFMS[kind]
-    kwargs = {**kwargs, **overrides}
+    kwargs = {**({} if full else kwargs), **overrides}
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    state = _jitter({k: v.detach().clone() for k, v in model.state_dict().items()})
+    state = _jitter({k: v.detach().clone() for k, v in model.state_dict().items()}, jitter)
     dim = state["patch_embed.proj.weight"].shape[0]
     if kind == "dinov2":  # timm folds the class token's position into cls_token; the original does not
         state["pos_embed"] = torch.cat([0.1 * torch.randn(1, 1, dim), state["pos_embed"]], dim=1)
@@ -66,28 +68,30 @@ def original_state(kind: str, seed: int = 0, decoder: bool = False, **overrides)
         return out
     if kind == "mae":
         if decoder:
-            state["mask_token"] = torch.zeros(1, 1, 8)
-            state["decoder_embed.weight"] = torch.randn(8, dim)
-            state["decoder_pos_embed"] = torch.randn(1, state["pos_embed"].shape[1], 8)
-            state["decoder_blocks.0.norm1.weight"] = torch.ones(8)
-            state["decoder_norm.weight"] = torch.ones(8)
-            state["decoder_pred.weight"] = torch.randn(16 * 16 * 3, 8)
+            dec = 2  # the decoder's width (512 in MAE); its values never matter
+            state["mask_token"] = torch.zeros(1, 1, dec)
+            state["decoder_embed.weight"] = torch.randn(dec, dim)
+            state["decoder_pos_embed"] = torch.randn(1, state["pos_embed"].shape[1], dec)
+            state["decoder_blocks.0.norm1.weight"] = torch.ones(dec)
+            state["decoder_norm.weight"] = torch.ones(dec)
+            state["decoder_pred.weight"] = torch.randn(16 * 16 * 3, dec)
         return {"model": state}
     return state
 
 
 def published(kind: str, checkpoint: dict, num_heads: int | None = None) -> PublishedVFM:
-    """The oracle's VFM from an original checkpoint (as loaded: MAE's ``{"model": ...}`` unwrapped)."""
+    """The oracle's VFM from an original checkpoint (as loaded: MAE's ``{"model": ...}`` unwrapped);
+    ``num_heads`` 12 for the full-size ViT-B architectures."""
     state = checkpoint.get("model", checkpoint) if kind == "mae" else checkpoint
     return PublishedVFM(kind, state, num_heads or TINY_VFMS[kind][3])
 
 
-def load_vfm(kind: str, path: str | Path, **overrides):
+def load_vfm(kind: str, path: str | Path, full: bool = False, **overrides):
     """proxyclip's VFM for ``kind`` loaded from an original checkpoint file, through the real builder."""
     from proxyclip.model.vfm import VFM_BUILDERS
 
     key, _, kwargs, _ = TINY_VFMS[kind]
-    return VFM_BUILDERS[key](weights=str(path), **{**kwargs, **overrides})
+    return VFM_BUILDERS[key](weights=str(path), **{**({} if full else kwargs), **overrides})
 
 
 def golden_clip(seed: int = 0) -> torch.nn.Module:
