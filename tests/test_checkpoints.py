@@ -126,7 +126,7 @@ def test_read_checkpoint_unwraps_and_refuses(tmp_path):
     with pytest.raises(WeightsError, match="no such file"):
         read_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="could not be read"):
+    with pytest.raises(WeightsError, match="could not be loaded"):
         read_checkpoint(tmp_path / "junk.pt")
 
 
@@ -136,5 +136,5 @@ def test_pickled_code_is_not_run(tmp_path):
             return (exec, ("raise SystemExit('pickled code ran')",))
 
     torch.save({"w": torch.ones(1), "evil": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(WeightsError, match="could not be read"):
+    with pytest.raises(WeightsError, match="could not be loaded"):
         read_checkpoint(tmp_path / "evil.pt")

@@ -65,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise
     except Exception as exc:  # safetensors, zipfile, the unpickler and TorchScript raise many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"weights file {path} could not be read ({type(exc).__name__}: {reason})") from exc
+        raise WeightsError(f"weights file {path} could not be loaded ({type(exc).__name__}: {reason})") from exc
     for key in ("state_dict", "model"):  # training checkpoints: {"model": ..., "optimizer": ...}
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
