@@ -19,6 +19,7 @@ from ..images import ImageInput, load_image, resize_keep_ratio
 from . import clip as clip_lib
 from .config import WEIGHT_FIELDS, ProxyCLIPConfig
 from .methods import Windows, get_method
+from .pixels import clip_input_constants, clip_to_vfm_input, normalise_clip_input
 from .refine import REFINERS
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
@@ -56,12 +57,6 @@ class ProxyCLIP(nn.Module):
         self.vfm = vfm  # kept whatever the method, so with_config can switch methods back and forth
         self.config = config
         self.method = get_method(config.method).build(config.options)
-        mean, std = self.clip.normalisation
-        self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(std).view(3, 1, 1), persistent=False)
-        if self.vfm is not None:
-            self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
-            self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
         # query names -> Q x E float32 CPU embeddings, least recently used first (kept apart from the
         # model's device and dtype, so that .to() / .half() after encoding need nothing else)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict() if text_cache is None else text_cache
@@ -106,15 +101,6 @@ class ProxyCLIP(nn.Module):
             clip_model.to(dtype)
         return cls(clip_model, tokenizer, vfm, config).to(device)
 
-    def _apply(self, fn, recurse: bool = True):
-        """Under ``.to()``, ``.half()``, ``.cuda()`` ...: the pixel normalisation stays float32."""
-        super()._apply(fn, recurse)
-        for name in ("clip_mean", "clip_std", "vfm_mean", "vfm_std"):
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
-        return self
-
     def astype(self, dtype: torch.dtype) -> ProxyCLIP:
         """A copy whose models run in ``dtype`` (e.g. torch.bfloat16), sharing the text cache."""
         vfm = None if self.vfm is None else copy.deepcopy(self.vfm)
@@ -136,7 +122,7 @@ class ProxyCLIP(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.clip_mean.device
+        return self.clip.visual.proj.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,8 +149,8 @@ class ProxyCLIP(nn.Module):
     # ---- tensor level -------------------------------------------------------------------
     def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised windows -> the same pixels normalised for the VFM (padding included)."""
-        pixels = windows * self.clip_std.to(windows.dtype) + self.clip_mean.to(windows.dtype)
-        return (pixels - self.vfm_mean.to(windows.dtype)) / self.vfm_std.to(windows.dtype)
+        clip_mean, clip_std = self.clip.normalisation
+        return clip_to_vfm_input(windows, clip_mean, clip_std, self.vfm.mean, self.vfm.std)  # as published
 
     def window_features(self, windows: torch.Tensor) -> torch.Tensor:
         """Dense CLIP features of a batch of windows, by the configured method.
@@ -271,13 +257,14 @@ class ProxyCLIP(nn.Module):
 
     # ---- image level --------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule)."""
+        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule, OpenCV
+        INTER_LINEAR as mmcv; normalised with the published constants, :mod:`proxyclip.model.pixels`)."""
         cfg = self.config
         pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)  # 3 x H x W uint8
         if cfg.short_side is not None:
             pixels = resize_keep_ratio(pixels, cfg.short_side, cfg.long_side)
-        pixels = pixels.to(self.device, torch.float32) / 255.0
-        return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
+        mean_255, std_255 = clip_input_constants(*self.clip.normalisation)
+        return normalise_clip_input(pixels.to(self.device), mean_255, std_255)  # 3 x h x w, as published
 
     @torch.inference_mode()
     def segment(self, image: ImageInput, classes: Classes, return_probs: bool = False) -> Segmentation:
