@@ -20,17 +20,7 @@ from ..evaluation.presets import (
     load_preset,
     preset_to_json,
 )
-from ..evaluation.runner import (
-    _PER_DATASET,
-    _fmt,
-    collect_results,
-    default_workers,
-    evaluate,
-    init_distributed,
-    preset_config,
-    table1,
-)
-from ..images import write_atomically
+from ..loading import default_workers
 from .options import (
     EXIT_OK,
     add_inference_args,
@@ -202,6 +192,16 @@ def _with_classes(preset: DatasetPreset, args: argparse.Namespace) -> DatasetPre
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..evaluation.runner import (
+        _PER_DATASET,
+        _fmt,
+        collect_results,
+        evaluate,
+        init_distributed,
+        preset_config,
+        table1,
+    )
+    from ..images import write_atomically
 
     if args.limit is not None and args.limit < 1:
         raise ProxyCLIPError("--limit must be at least 1")

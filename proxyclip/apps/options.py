@@ -18,8 +18,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose the models and their weights (shared by every sub-command)."""
-    from ..model.clip import CLIP_MODELS
-    from ..model.vfm import VFM_BUILDERS
+    from ..model.catalog import CLIP_MODELS, VFM_TIMM_NAMES  # light: --help must not import torch
 
     g = parser.add_argument_group("models and weights")
     g.add_argument("--clip", default="ViT-B-16", metavar="NAME",
@@ -29,7 +28,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "laion2b_s32b_b79k for ViT-H-14)")
     g.add_argument("--clip-weights", default=None, metavar="FILE",
                    help="local CLIP checkpoint (.safetensors or a state dict) instead of downloading the tag's weights")
-    g.add_argument("--vfm", default="dino_vitb8", choices=sorted(VFM_BUILDERS),
+    g.add_argument("--vfm", default="dino_vitb8", choices=sorted(VFM_TIMM_NAMES),
                    help="vision foundation model giving the proxy attention (default: %(default)s)")
     g.add_argument("--vfm-weights", default=None, metavar="FILE",
                    help="local VFM checkpoint (timm format, .safetensors or a state dict) instead of the hub")
@@ -39,6 +38,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="build the real architectures with RANDOM weights (tests and benchmarks only: "
                         "the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights (--random-weights): the same seed builds the same "
+                        "weights, so runs are reproducible and resumable (default: %(default)s)")
+    g.add_argument("--no-text-cache", action="store_true",
+                   help="do not read or write text embeddings in the on-disk cache (PROXYCLIP_CACHE, "
+                        "default ~/.cache/proxyclip)")
     g.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ProxyCLIPError
 from ..images import write_atomically
+from ..loading import default_workers, make_loader, read_resized  # noqa: F401  (default_workers: moved there)
 from .datasets import DatasetError, SegmentationDataset
 from .metrics import AREA_ROWS, intersect_and_union, summarize
 from .presets import PRESETS, TABLE1_LARGE, TABLE1_MAIN, DatasetPreset
@@ -102,32 +103,19 @@ class _Items(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
-        from ..images import load_image, resize_keep_ratio
-
         index = self.indices[k]
         sample = self.data.samples[index]
         try:
-            image = load_image(sample.image)  # H x W x 3 uint8
+            # the resize of ProxyCLIP.preprocess, done here in the worker
+            image, resized = read_resized(sample.image, self.short_side, self.long_side)  # H x W x 3, h x w x 3 uint8
             label = self.data.read_label(sample.label)  # H x W int64
         except ProxyCLIPError as exc:
             return {"index": index, "error": str(exc)}
         if label.shape != image.shape[:2]:
             return {"index": index, "error": f"{sample.label}: label size {label.shape[1]}x{label.shape[0]} differs "
                                              f"from image {sample.image} ({image.shape[1]}x{image.shape[0]})"}
-        resized = torch.tensor(image).permute(2, 0, 1)  # 3 x H x W uint8
-        if self.short_side is not None:  # the resize of ProxyCLIP.preprocess, done here in the worker
-            resized = resize_keep_ratio(resized, self.short_side, self.long_side)
-        return {"index": index, "error": None, "resized": resized.permute(1, 2, 0).numpy(),  # h x w x 3 uint8
+        return {"index": index, "error": None, "resized": resized,  # h x w x 3 uint8
                 "label": torch.from_numpy(label), "image": image if self.keep_image else None}
-
-
-def _identity(item: dict) -> dict:
-    return item
-
-
-def default_workers() -> int:
-    """Loader processes: min(4, CPU count)."""
-    return min(4, os.cpu_count() or 1)
 
 
 # ---- run identity and state -------------------------------------------------------------------------
@@ -281,11 +269,7 @@ def evaluate(
     resumed = len(mine) - len(todo)
 
     keep_image = save_overlays
-    loader = torch.utils.data.DataLoader(
-        _Items(data, todo, model.config.short_side, model.config.long_side, keep_image),
-        batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-    )
+    loader = make_loader(_Items(data, todo, model.config.short_side, model.config.long_side, keep_image), workers)
     normalise = model.with_config(short_side=None)  # the loader already resized
     text = model.encode_classes(classes)
     bar = tqdm(total=len(mine), initial=resumed, unit="img", desc=preset.key, file=sys.stderr,

@@ -15,14 +15,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 from ..errors import ProxyCLIPError, WeightsError
+from .catalog import CLIP_MODELS  # the CLIP models of the paper: open_clip name -> default pretrained tag
 from .pos_embed import resize_pos_embed_with_cls
-
-# The CLIP models of the paper: open_clip name -> default pretrained tag.
-CLIP_MODELS = {
-    "ViT-B-16": "openai",
-    "ViT-L-14": "openai",
-    "ViT-H-14": "laion2b_s32b_b79k",
-}
 
 
 def default_pretrained(name: str, tag: str | None = None) -> str:
