@@ -90,9 +90,10 @@ def test_missing_weights_say_how_to_supply_them(images, tmp_path, capsys):
     code = main(["segment", str(images / "a.jpg"), "--classes", "a, b", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "CLIP weights ViT-B-16 / openai could not be loaded" in err[0] and "--clip-weights" in err[0]
-    assert "HF_HUB_OFFLINE" in err[0]
+    assert len(err) == 4 and err[0].startswith("proxyclip: error: 2 weight files missing")  # one message, both named
+    assert "CLIP ViT-B-16 (openai)" in err[1] and "--clip-weights FILE" in err[1]
+    assert "VFM dino_vitb8" in err[2] and "--vfm-weights FILE" in err[2]
+    assert "HF_HUB_OFFLINE=1" in err[3]
     assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
@@ -136,7 +137,7 @@ def test_pickled_code_in_a_checkpoint_is_never_executed(images, tmp_path, capsys
     with open(path, "wb") as fh:
         pickle.dump({"state_dict": Evil()}, fh, protocol=2)
     code = main(["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(tmp_path / "o"),
-                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--vfm", "dino_vits16"])
+                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--method", "maskclip"])
     assert code == 2
     assert not marker.exists()
     assert "could not be loaded" in capsys.readouterr().err

@@ -7,6 +7,7 @@ usage or configuration (class names, weights, output folder), nothing processed.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -135,6 +136,10 @@ def build_model(args: argparse.Namespace, config):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
+    if args.random_weights:  # the same --seed builds the same weights: reproducible, resumable runs
+        import torch
+
+        torch.manual_seed(getattr(args, "seed", 0))
     return ProxyCLIP.build(
         config,
         clip_weights=args.clip_weights,
@@ -142,7 +147,13 @@ def build_model(args: argparse.Namespace, config):
         random_weights=args.random_weights,
         device=device,
         dtype=dtype,
+        progress=say,
     )
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (the commands' results go to stdout)."""
+    print(f"proxyclip: {line}", file=sys.stderr, flush=True)
 
 
 def ensure_writable_dir(path: Path) -> None:

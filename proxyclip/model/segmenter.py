@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -19,6 +19,7 @@ from ..errors import ProxyCLIPError
 from ..images import ImageInput, load_image, resize_keep_ratio
 from . import clip as clip_lib
 from .attention import ATTENTION_VARIANTS, ablation_attention, aggregate_values
+from .hub import weights_available
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
 
@@ -111,6 +112,7 @@ class ProxyCLIP(nn.Module):
         random_weights: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        progress: Callable[[str], None] | None = None,
     ) -> ProxyCLIP:
         """Build from names, loading weights through open_clip and timm (or local files).
 
@@ -120,14 +122,22 @@ class ProxyCLIP(nn.Module):
             random_weights: random weights for tests and benchmarks; warns, output meaningless.
             device: e.g. "cpu", "cuda".
             dtype: torch.float32, or float16 / bfloat16.
+            progress: called with a line before each model is loaded (e.g. ``print``).
+
+        Raises:
+            WeightsError: naming every missing weight, before any is loaded (see :mod:`proxyclip.model.hub`).
         """
         config = config or ProxyCLIPConfig()
         if random_weights:
             warnings.warn("ProxyCLIP built with RANDOM weights: its output is meaningless", stacklevel=2)
-        clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights)
-        vfm = None
-        if config.method == "proxyclip":
-            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights)
+        say = progress or (lambda line: None)
+        with weights_available(config, clip_weights, vfm_weights, random_weights):  # all there, or one error
+            say(f"loading CLIP {config.clip} ({'random weights' if random_weights else clip_weights or config.clip_pretrained})")
+            clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights)
+            vfm = None
+            if config.method == "proxyclip":
+                say(f"loading VFM {config.vfm} ({'random weights' if random_weights else vfm_weights or 'hub'})")
+                vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights)
         clip_model.to(dtype)
         if vfm is not None:
             vfm.to(dtype)
