@@ -31,7 +31,7 @@ def test_segment_writes_labels_overlay_and_probs(images, tmp_path, capsys):
                  "--out", str(out), "--save-probs", *TINY])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy"]
+        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy", "manifest-rank0.jsonl"]
     labels = np.asarray(Image.open(out / "a.png"))
     assert labels.shape == (60, 80) and labels.max() < 3
     probs = np.load(out / "a_probs.npy")
@@ -47,7 +47,7 @@ def test_one_bad_image_does_not_stop_the_others(images, tmp_path, capsys):
     code = main(["segment", str(images / "broken.jpg"), str(images / "a.jpg"), str(images / "nope.png"),
                  "--classes", "a, b", "--out", str(out), *TINY])
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "manifest-rank0.jsonl"]
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "nope.png: no such file" in err
     assert "Traceback" not in err
@@ -184,7 +184,7 @@ def test_help(command, capsys):
 def test_folder_input(images, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(images), "--classes", "a, b", "--out", str(out), "--no-overlay", *TINY]) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # broken.jpg reported, others written
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]  # broken.jpg reported, others written
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["segment", str(empty), "--classes", "a", "--out", str(out), *TINY]) == 2

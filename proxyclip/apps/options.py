@@ -1,7 +1,8 @@
 """Command-line options shared by the sub-commands: models, weights, method settings, device.
 
 Exit codes of every command: 0 success; 1 some inputs failed (the others were processed); 2 bad
-usage or configuration (class names, weights, output folder), nothing processed.
+usage or configuration (class names, weights, output folder), nothing processed; 3 an output could
+not be written (disk full, ...): the run stopped, what was written before is complete.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ProxyCLIPError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 

@@ -32,6 +32,7 @@ import torch
 from ..errors import ProxyCLIPError
 from ..images import write_atomically
 from ..loading import default_workers, make_loader, read_resized  # noqa: F401  (default_workers: moved there)
+from ..progress import CountBar
 from .datasets import DatasetError, SegmentationDataset
 from .metrics import AREA_ROWS, intersect_and_union, summarize
 from .presets import PRESETS, TABLE1_LARGE, TABLE1_MAIN, DatasetPreset
@@ -271,7 +272,7 @@ def evaluate(
     keep_image = save_overlays
     loader = make_loader(_Items(data, todo, model.config.short_side, model.config.long_side, keep_image), workers)
     normalise = model.with_config(short_side=None)  # the loader already resized
-    text = model.encode_classes(classes)
+    text = model.encode_classes(classes, CountBar("encoding class names", "name", disable=not progress or dist.rank != 0))
     bar = tqdm(total=len(mine), initial=resumed, unit="img", desc=preset.key, file=sys.stderr,
                disable=not progress or dist.rank != 0, dynamic_ncols=True)
     pred_dir = out / "predictions" / preset.key if out and save_predictions else None

@@ -17,6 +17,7 @@ from torch import nn
 from ..classes import ClassList, make_class_list
 from ..errors import ProxyCLIPError
 from ..images import ImageInput, load_image, resize_keep_ratio
+from ..text_cache import encode_cached
 from . import clip as clip_lib
 from .attention import ATTENTION_VARIANTS, ablation_attention, aggregate_values
 from .hub import weights_available
@@ -171,14 +172,16 @@ class ProxyCLIP(nn.Module):
         """Whether :meth:`encode_classes` has these names cached (it then costs nothing)."""
         return make_class_list(classes).queries in self._text_cache
 
-    def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]]) -> torch.Tensor:
-        """Q x E unit-norm text embeddings of every query name; cached per list of names."""
+    def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]],
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Q x E unit-norm text embeddings of every query name; cached per list of names, in memory and
+        on disk (:mod:`proxyclip.text_cache`). ``progress(done, total)`` follows an encoding of names."""
         queries = make_class_list(classes).queries
         cache = self._text_cache
         if queries in cache:
             cache.move_to_end(queries)
             return cache[queries]
-        emb = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device).to(self.dtype)
+        emb = encode_cached(self.clip_model, self.tokenizer, queries, self.device, progress).to(self.dtype)
         cache[queries] = emb
         while len(cache) > self.text_cache_size:
             cache.popitem(last=False)
