@@ -216,17 +216,18 @@ def run_eval(args: argparse.Namespace) -> int:
     if dist.world > 1 and device.type == "cuda":
         args.device = f"cuda:{dist.local_rank}"
     overrides = {k: getattr(args, k) for k in _PER_DATASET}
-    model = None
+    model = provenance = None
     try:
         for data in datasets:
             if model is None:
                 model = build_model(args, config_from_args(args, **{k: getattr(data.preset, k) for k in _PER_DATASET}))
+                provenance = run_provenance(args, model)
             model = preset_config(model, data.preset, overrides)
             result = evaluate(model, data, out_dir=args.out, limit=args.limit, workers=args.workers,
                               resume=not args.restart, checkpoint_every=args.checkpoint_every,
                               batch_images=args.batch_images,
                               save_predictions=args.save_predictions, save_overlays=args.save_overlays,
-                              progress=not args.no_progress, dist=dist, overrides=overrides)
+                              progress=not args.no_progress, dist=dist, overrides=overrides, provenance=provenance)
             if dist.rank == 0:
                 m = result["metrics"]
                 print(f"{data.preset.key}: mIoU {_fmt(m['mIoU'])}  aAcc {_fmt(m['aAcc'])}  mAcc {_fmt(m['mAcc'])}  "
@@ -243,6 +244,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
             tdist.destroy_process_group()
     return EXIT_OK
+
+
+def run_provenance(args: argparse.Namespace, model) -> dict:
+    """What produces an evaluation's numbers, for its result file: the weights (random with their seed,
+    or each file with its sha256, or the hub repository and revision), device, precision and versions."""
+    import open_clip
+    import timm
+    import torch
+
+    from .. import __version__
+    from ..model.hub import clip_source, describe_source, vfm_source
+
+    cfg = model.config
+    if args.random_weights:
+        weights: dict = {"random": True, "seed": args.seed}
+    else:
+        weights = {"clip": describe_source(clip_source(cfg.clip, cfg.clip_pretrained, args.clip_weights))}
+        if cfg.method == "proxyclip":
+            weights["vfm"] = describe_source(vfm_source(cfg.vfm, args.vfm_weights))
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"weights": weights, "device": str(device), "device_name": name, "precision": args.precision,
+            "versions": {"proxyclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                         "timm": timm.__version__}}
 
 
 def run_presets(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import time
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from ..errors import OutputError, ProxyCLIPError
 from ..loading import default_workers
@@ -52,12 +52,15 @@ class Input:
     key: str  # output name relative to the output folder, without suffix, e.g. "street/0001"
 
 
-def _safe_key(path: PurePath) -> str:
-    """An output name that stays inside the output folder: no anchor, no "." or ".." parts, no suffix."""
-    parts = [p for p in (path.parts[1:] if path.anchor else path.parts) if p not in ("", ".", "..")]
+def _safe_key(path: str) -> str:
+    """An output name that stays inside the output folder: no root, no "." or ".." parts, no suffix.
+
+    Plain string operations: pathlib would intern every part of a million paths for good.
+    """
+    parts = [p for p in os.path.splitdrive(path)[1].split(os.sep) if p not in ("", ".", "..")]
     if not parts:
         return "_"
-    parts[-1] = PurePath(parts[-1]).stem or parts[-1]
+    parts[-1] = os.path.splitext(parts[-1])[0] or parts[-1]
     return "/".join(parts)
 
 
@@ -85,7 +88,7 @@ class InputSpec:
                     raise ProxyCLIPError(f"folder {path} {where}holds no image files "
                                          f"({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
             else:
-                yield Input(item, _safe_key(PurePath(Path(item).name)))
+                yield Input(item, _safe_key(os.path.basename(item)))
         for list_file in self.lists:
             yield from self._read_list(Path(list_file))
 
@@ -101,7 +104,7 @@ class InputSpec:
                 if self.recursive and not (self.exclude and os.path.realpath(entry.path) == self.exclude):
                     yield from self._walk(root, Path(entry.path))
             elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Input(entry.path, _safe_key(PurePath(entry.path).relative_to(root)))
+                yield Input(entry.path, _safe_key(os.path.relpath(entry.path, root)))
 
     @staticmethod
     def _read_list(list_file: Path) -> Iterator[Input]:
@@ -110,13 +113,13 @@ class InputSpec:
             fh = open(list_file, encoding="utf-8")
         except OSError as exc:
             raise ProxyCLIPError(f"cannot read list file {list_file}: {exc.strerror or exc}") from None
+        folder = os.path.dirname(list_file)
         with fh:
             for line in fh:
                 entry = line.rstrip("\r\n")
                 if not entry.strip() or entry.lstrip().startswith("#"):
                     continue
-                path = Path(entry)
-                yield Input(str(path if path.is_absolute() else list_file.parent / path), _safe_key(PurePath(entry)))
+                yield Input(os.path.join(folder, entry), _safe_key(entry))  # an absolute entry stays as it is
 
 
 def _key_hash(key: str) -> int:
@@ -136,8 +139,10 @@ def count_and_check(spec: InputSpec) -> int:
         hashes.append(_key_hash(item.key))
     if not hashes:
         raise ProxyCLIPError("no images given: name image files or folders, or --list FILE")
-    ordered = sorted(hashes)
-    clashes = {a for a, b in zip(ordered, ordered[1:]) if a == b}
+    import numpy as np
+
+    ordered = np.sort(np.frombuffer(hashes, dtype=np.uint64))
+    clashes = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if clashes:
         seen: dict[int, str] = {}
         for item in spec:

@@ -217,6 +217,7 @@ def evaluate(
     dist: DistInfo | None = None,
     overrides: dict | None = None,
     on_image: Callable[[int], None] | None = None,
+    provenance: dict | None = None,
 ) -> dict:
     """Evaluate a model on a dataset; write the results when ``out_dir`` is given.
 
@@ -238,6 +239,8 @@ def evaluate(
         dist: this process's rank among ``world`` processes (default: one process).
         overrides: settings the user forced over the preset, recorded in the configuration id.
         on_image: called with the number of images done in this call, after each image.
+        provenance: what produced the numbers (weight files and digests or random weights and seed,
+            device, precision, versions), recorded as is in the result.
 
     Returns:
         The result record (as written to the JSON file): ``metrics`` (aAcc, mIoU, mAcc,
@@ -353,6 +356,7 @@ def evaluate(
         "areas": dict(zip(AREA_ROWS, areas.tolist())),
         "seconds": round(seconds, 3),
         "images_per_second": round(count * dist.world / seconds, 3) if count and seconds > 0 else None,
+        "provenance": provenance or {"device": str(model.device), "torch": torch.__version__},
     }
     if out is not None and dist.rank == 0:
         write_atomically({out / f"{preset.key}-{cid}.json": json.dumps(result, indent=1) + "\n",
