@@ -329,8 +329,13 @@ def evaluate(
         flush()
     finally:
         bar.close()
+        failing = sys.exc_info()[0] is not None
         if state_path is not None and (since_save or not state_path.exists()):
-            _save_state(state_path, fingerprint, state)
+            try:
+                _save_state(state_path, fingerprint, state)
+            except ProxyCLIPError:
+                if not failing:  # else the first error (often the same full disk) is the one to show
+                    raise
     seconds = time.perf_counter() - start
 
     areas = _all_reduce_sum(state.areas, dist)
