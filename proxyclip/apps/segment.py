@@ -298,7 +298,7 @@ def add_segment_parser(sub) -> None:
 
 def run_segment(args: argparse.Namespace) -> int:
     from ..classes import parse_classes, read_class_file
-    from ..evaluation.runner import init_distributed
+    from ..evaluation.distributed import init_distributed
     from ..images import classes_by_area, label_image, overlay_image, write_atomically
     from ..loading import make_loader
     from ..progress import CountBar

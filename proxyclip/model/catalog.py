@@ -1,18 +1,11 @@
-"""The models by name, importable without torch: the command line's choices and where weights come from.
+"""The VFMs by name, importable without torch: the command line's choices and where weights come from.
 
-``proxyclip --help`` reads these, so this module imports nothing heavy. The builders themselves
-are in :mod:`proxyclip.model.clip` and :mod:`proxyclip.model.vfm` (``VFM_BUILDERS``); a test
-checks that both agree with the names here.
+``proxyclip --help`` reads these, so this module imports nothing heavy (the CLIP names are in
+:mod:`proxyclip.model.config`). The builders themselves are ``VFM_BUILDERS`` in
+:mod:`proxyclip.model.vfm`; a test checks that they agree with the names here.
 """
 
 from __future__ import annotations
-
-# The CLIP models of the paper: open_clip name -> default pretrained tag.
-CLIP_MODELS = {
-    "ViT-B-16": "openai",
-    "ViT-L-14": "openai",
-    "ViT-H-14": "laion2b_s32b_b79k",
-}
 
 # VFM key (--vfm) -> the timm model (architecture.pretrained tag) whose weights it loads.
 VFM_TIMM_NAMES = {

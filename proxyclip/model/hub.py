@@ -139,9 +139,9 @@ def missing_reason(source: WeightSource, reachable: bool | None) -> str | None:
 
 
 def sources_for(config, clip_weights: str | None = None, vfm_weights: str | None = None) -> list[WeightSource]:
-    """Every weight a :class:`~proxyclip.ProxyCLIPConfig` needs (the VFM only for method proxyclip)."""
+    """Every weight a :class:`~proxyclip.ProxyCLIPConfig` needs (the VFM only for methods that use one)."""
     found = [clip_source(config.clip, config.clip_pretrained, clip_weights)]
-    if config.method == "proxyclip":
+    if config.needs_vfm:
         found.append(vfm_source(config.vfm, vfm_weights))
     return [s for s in found if s is not None]
 
