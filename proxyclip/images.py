@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import ImageError
+from .errors import ImageError, OutputError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -179,11 +179,16 @@ def _umask() -> int:
 def write_atomically(outputs: dict[Path, object]) -> None:
     """Write several files so that either all appear or none does.
 
-    ``outputs`` maps a path to a PIL image (saved as PNG), a numpy array (saved as .npy) or a
-    string (saved as UTF-8 text). Missing folders are created; each file is written to a
-    temporary file beside it and flushed to disk, then all are renamed.
+    ``outputs`` maps a path to a PIL image (saved as PNG), a numpy array (saved as .npy), a
+    string (saved as UTF-8 text) or bytes. Missing folders are created; each file is written to a
+    temporary file beside it and flushed to disk, then all are renamed. The temporary files are
+    removed whatever happens (an error, Ctrl-C, or SIGTERM / SIGHUP under the command line).
+
+    Raises:
+        OutputError: a file cannot be written (disk full, no permission, ...), naming it and its folder.
     """
     temps: list[tuple[Path, Path]] = []
+    path = Path()
     try:
         for path, obj in outputs.items():
             path = Path(path)
@@ -195,6 +200,8 @@ def write_atomically(outputs: dict[Path, object]) -> None:
                     obj.save(fh, format="PNG")
                 elif isinstance(obj, str):
                     fh.write(obj.encode("utf-8"))
+                elif isinstance(obj, bytes):
+                    fh.write(obj)
                 else:
                     np.save(fh, obj, allow_pickle=False)
                 fh.flush()
@@ -203,6 +210,8 @@ def write_atomically(outputs: dict[Path, object]) -> None:
         for tmp, path in temps:
             os.chmod(tmp, mode)
             os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path.name} in {path.parent}: {exc.strerror or exc}") from exc
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)

@@ -1,18 +1,20 @@
 """Command-line options shared by the sub-commands: models, weights, method settings, device.
 
 Exit codes of every command: 0 success; 1 some inputs failed (the others were processed); 2 bad
-usage or configuration (class names, weights, output folder), nothing processed.
+usage or configuration (class names, weights, output folder), nothing processed; 3 an output could
+not be written (disk full, ...): the run stopped, what was written before is complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import ProxyCLIPError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -60,6 +62,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="build the real architectures with RANDOM weights (tests and benchmarks only: "
                         "the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights (--random-weights): the same seed builds the same "
+                        "weights, so runs are reproducible and resumable (default: %(default)s)")
+    g.add_argument("--no-text-cache", action="store_true",
+                   help="do not read or write text embeddings in the on-disk cache (PROXYCLIP_CACHE, "
+                        "default ~/.cache/proxyclip)")
     g.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -173,6 +181,10 @@ def build_model(args: argparse.Namespace, config):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
+    if args.random_weights:  # the same --seed builds the same weights: reproducible, resumable runs
+        import torch
+
+        torch.manual_seed(getattr(args, "seed", 0))
     return ProxyCLIP.build(
         config,
         clip_weights=args.clip_weights,
@@ -180,7 +192,13 @@ def build_model(args: argparse.Namespace, config):
         random_weights=args.random_weights,
         device=device,
         dtype=dtype,
+        progress=say,
     )
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (the commands' results go to stdout)."""
+    print(f"proxyclip: {line}", file=sys.stderr, flush=True)
 
 
 def ensure_writable_dir(path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +16,10 @@ from torch import nn
 from ..classes import ClassList, make_class_list
 from ..errors import ProxyCLIPError
 from ..images import ImageInput, load_image, resize_keep_ratio
+from ..text_cache import encode_cached
 from . import clip as clip_lib
 from .config import WEIGHT_FIELDS, ProxyCLIPConfig
+from .hub import weights_available
 from .methods import Windows, get_method
 from .pixels import clip_input_constants, clip_to_vfm_input, normalise_clip_input
 from .refine import REFINERS
@@ -74,6 +76,7 @@ class ProxyCLIP(nn.Module):
         random_weights: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        progress: Callable[[str], None] | None = None,
     ) -> ProxyCLIP:
         """Build from names, loading weights through open_clip and timm (or local files).
 
@@ -85,18 +88,26 @@ class ProxyCLIP(nn.Module):
             dtype: torch.float32; torch.float16 as the published runs (open_clip's mixed precision
                 for CLIP: fp16 weights, fp32 layer norms and embeddings; the VFM in fp16); or
                 torch.bfloat16 (every weight cast: faster on CPUs with AVX512-BF16/AMX).
+            progress: called with a line before each model is loaded (e.g. ``print``).
+
+        Raises:
+            WeightsError: naming every missing weight, before any is loaded (see :mod:`proxyclip.model.hub`).
         """
         config = config or ProxyCLIPConfig()
         if config.needs_vfm and config.vfm not in VFM_BUILDERS:
             raise ProxyCLIPError(f"unknown VFM {config.vfm!r}; choose one of {', '.join(VFM_BUILDERS)}")
         if random_weights:
             warnings.warn("ProxyCLIP built with RANDOM weights: its output is meaningless", stacklevel=2)
+        say = progress or (lambda line: None)
         mixed = dtype == torch.float16  # the published recipe: open_clip builds CLIP in mixed precision
-        clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights,
-                                                   precision="fp16" if mixed else "fp32")
-        vfm = None
-        if config.needs_vfm:
-            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights).to(dtype)
+        with weights_available(config, clip_weights, vfm_weights, random_weights):  # all there, or one error
+            say(f"loading CLIP {config.clip} ({'random weights' if random_weights else clip_weights or config.clip_pretrained})")
+            clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights,
+                                                       random_weights, precision="fp16" if mixed else "fp32")
+            vfm = None
+            if config.needs_vfm:
+                say(f"loading VFM {config.vfm} ({'random weights' if random_weights else vfm_weights or 'hub'})")
+                vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights).to(dtype)
         if not mixed:
             clip_model.to(dtype)
         return cls(clip_model, tokenizer, vfm, config).to(device)
@@ -133,15 +144,16 @@ class ProxyCLIP(nn.Module):
         """Whether :meth:`encode_classes` has these names cached (it then costs nothing)."""
         return make_class_list(classes).queries in self._text_cache
 
-    def encode_classes(self, classes: Classes) -> torch.Tensor:
+    def encode_classes(self, classes: Classes, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Q x E unit-norm text embeddings of every query name, on the model's device and in its
-        dtype; cached per list of names."""
+        dtype; cached per list of names, in memory and on disk (:mod:`proxyclip.text_cache`).
+        ``progress(done, total)`` follows an encoding of names."""
         queries = make_class_list(classes).queries
         cache = self._text_cache
         if queries in cache:
             cache.move_to_end(queries)
         else:
-            cache[queries] = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device).float().cpu()
+            cache[queries] = encode_cached(self.clip_model, self.tokenizer, queries, self.device, progress).float().cpu()
             while len(cache) > self.text_cache_size:
                 cache.popitem(last=False)
         return cache[queries].to(self.device, self.dtype)
