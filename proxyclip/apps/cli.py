@@ -14,6 +14,7 @@ from .bench import add_bench_parser
 from .demo import add_demo_parser
 from .eval import add_eval_parsers
 from .options import EXIT_USAGE
+from .reproduce import add_reproduce_parser
 from .segment import add_segment_parser
 
 
@@ -30,6 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_eval_parsers(sub)
     add_demo_parser(sub)
     add_bench_parser(sub)
+    add_reproduce_parser(sub)
     return parser
 
 
