@@ -315,3 +315,28 @@ def test_published_numbers_match_the_paper_text(name):
     spec = grid.table_spec(grid.load_spec(name))
     ours = [[row.published[k] for k in spec.keys] for row in spec.rows]
     assert ours == paper_rows
+
+
+def test_table5_efficiency_through_the_bench(tmp_path, capsys):
+    spec = json.loads(grid.spec_path("table5").read_text())
+    spec["bench"] = {"window": 56, "queries": 3, "warmup": 0, "iters": 1, "matmul_size": 64}
+    spec["defaults"]["vfm"] = "dino_vits16"
+    for row in spec["rows"]:
+        if row["config"].get("vfm"):
+            row["config"]["vfm"] = "dino_vits16"
+    path = write_spec(tmp_path / "t5.json", spec)
+    out = tmp_path / "out"
+    code = main(["reproduce", str(path), "--out", str(out), "--clip", TINY_CLIP, "--clip-pretrained", "",
+                 "--random-weights", "--device", "cpu"])
+    assert code == 0
+    bench = json.loads((out / "table5-bench.json").read_text())["result"]
+    by_row = {r["row"]: r for r in bench["rows"]}
+    table = cells((out / "table5.md").read_text())
+    clip = by_row["clip"]
+    assert table["CLIP"] == [expected(round(clip["params_total_m"], 2), 142.7), expected(round(clip["batch1"]["per_s"], 2), 72.5),
+                             expected(round(clip["batch1"]["peak_mib"], 2), 3540), expected(round(clip["gmacs"], 2), 41.7)]
+    if "gem" not in METHODS:
+        assert table["GEM"] == ["not available (published 142.7)", "not available (published 55.9)",
+                                "not available (published 3716)", "not available (published 51.5)"]
+    proxy = by_row["proxyclip:dino_vits16"]
+    assert table["ProxyCLIP (DINO-B/8)"][3] == expected(round(proxy["gmacs"], 2), 253.3)

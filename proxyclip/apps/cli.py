@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from ..errors import ProxyCLIPError
 from .bench import add_bench_parser
+from .compare import add_compare_parser
 from .demo import add_demo_parser
 from .eval import add_eval_parsers
 from .options import EXIT_USAGE
@@ -32,6 +33,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_bench_parser(sub)
     add_reproduce_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

@@ -145,8 +145,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
     try:
         options = RunOptions(workers=default_workers() if args.workers is None else args.workers,
                              checkpoint_every=args.checkpoint_every, batch_images=args.batch_images)
-        results, failures = grid.run_grid(runs, ctx, runs_dir, lambda config: _build(args, ctx, config), options,
-                                          dist=dist, restart=args.restart, progress=not args.no_progress)
+        results, failures = {}, {}
+        if miou_tables:
+            results, failures = grid.run_grid(runs, ctx, runs_dir, lambda config: _build(args, ctx, config), options,
+                                              dist=dist, restart=args.restart, progress=not args.no_progress)
         partial |= bool(failures)
         grid.attach_results(plans.values(), results, failures)
         if dist.rank == 0:
@@ -245,6 +247,11 @@ EFFICIENCY_MEASURES = {  # Table 5's columns -> the bench's numbers
 }
 
 
+def spec_bench_settings(spec: grid.TableSpec) -> dict:
+    """The bench settings a Table 5 spec sets (its "bench" object: window, queries, warmup, iters, matmul_size)."""
+    return dict(spec.extra.get("bench", {}))
+
+
 def _efficiency(args: argparse.Namespace, ctx: grid.GridContext, spec: grid.TableSpec, out: Path):
     from ..images import write_atomically
     from ..model.methods import METHODS
@@ -273,7 +280,7 @@ def _efficiency(args: argparse.Namespace, ctx: grid.GridContext, spec: grid.Tabl
         plan.append([grid.Cell(grid.PENDING) for _ in spec.columns])
     bench_file = out / f"{spec.name}-bench.json"
     wanted = {"rows": sorted(set(names.values())), "clip": clip, "precision": args.precision,
-              "random_weights": args.random_weights, "device": args.device}
+              "random_weights": args.random_weights, "device": args.device, "bench": spec_bench_settings(spec)}
     result = None
     if not args.restart and bench_file.exists():
         try:
@@ -283,9 +290,12 @@ def _efficiency(args: argparse.Namespace, ctx: grid.GridContext, spec: grid.Tabl
             result = None
     failed = False
     if result is None and names:
+        bench = {"window": 336, "queries": 21, "warmup": 2, "iters": 10, "matmul_size": 4096,
+                 **spec_bench_settings(spec)}  # Table 5: one 336 x 336 image, batch 1
         ns = argparse.Namespace(
-            rows=",".join(dict.fromkeys(names.values())), batches="1", warmup=2, iters=10, window=336, stride=112,
-            queries=21, matmul_size=4096, clip=clip, clip_pretrained=ctx.clip_pretrained,
+            rows=",".join(dict.fromkeys(names.values())), batches="1", warmup=bench["warmup"], iters=bench["iters"],
+            window=bench["window"], stride=112, queries=bench["queries"], matmul_size=bench["matmul_size"],
+            clip=clip, clip_pretrained=ctx.clip_pretrained,
             clip_weights=ctx.weights.clip_file(clip), vfm=defaults.get("vfm", "dino_vitb8"),
             random_weights=args.random_weights, device=args.device, precision=args.precision)
         try:

@@ -94,11 +94,13 @@ class PairHistogram:
         the AP of the exact scores.
 
         AP = sum over thresholds of (R_k - R_{k-1}) P_k, scikit-learn's ``average_precision_score``,
-        with the examples of one bin tied. For exact scores, a positive in bin b (with a positives
-        and c examples in higher bins, p positives and n examples in b) has a precision between
-        (a + 1) / (c + n) and (a + p) / (c + 1), whatever the order inside the bin, and so has the
-        tie's (a + p) / (c + n). Hence |AP_exact - AP_binned| <= (1 / P) sum_b p (upper_b - lower_b),
-        which is 0 when no bin holds two examples of which one is positive.
+        with the examples of one bin tied. For exact scores, the k-th positive of bin b (a positives
+        and c examples in higher bins; p positives and n examples in b) ends a tie group at some
+        position t of the bin with s >= k positives up to it, k <= s <= t <= n - (p - s), so its
+        precision (a + s) / (c + t) lies in [(a + 1) / (c + n - p + 1), (a + p) / (c + p)], and so
+        does the binned (a + p) / (c + n). Hence
+        |AP_exact - AP_binned| <= (1 / P) sum_b p_b (upper_b - lower_b),
+        which is 0 when every bin holds only positives or a single positive and no negative.
         """
         _, pos, neg = self._descending()
         total_pos = int(pos.sum())
@@ -112,8 +114,8 @@ class PairHistogram:
         a, c = tp - pos, seen - (pos + neg)  # above the bin
         n = pos + neg
         has = pos > 0
-        upper = (a[has] + pos[has]) / (c[has] + 1)
-        lower = (a[has] + 1) / (c[has] + n[has])
+        upper = (a[has] + pos[has]) / (c[has] + pos[has])
+        lower = (a[has] + 1) / (c[has] + n[has] - pos[has] + 1)
         bound = float(np.sum(pos[has] * (upper - lower)) / total_pos)
         return ap, bound
 
@@ -225,7 +227,8 @@ def make_fig1(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
 
     size = int(spec.get("size", 336))
     clip_name = ctx.clip or spec.get("clip", "ViT-B-16")
-    config = ProxyCLIPConfig.create(clip=clip_name, clip_pretrained=ctx.clip_pretrained, method="clip", window=size)
+    config = ProxyCLIPConfig.create(clip=clip_name, clip_pretrained=ctx.clip_pretrained, method="clip", window=size,
+                                    stride=size)
     base = ProxyCLIP.build(config, clip_weights=ctx.weights.clip_file(clip_name), random_weights=random_weights,
                            device=device, dtype=dtype)
     vfms = {}

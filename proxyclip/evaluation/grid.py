@@ -95,6 +95,7 @@ class TableSpec:
     notes: tuple[str, ...] = ()
     kind: str = "miou"
     row_title: str = "Configuration"  # the heading of the label column
+    extra: Mapping[str, Any] = field(default_factory=dict)  # other entries of the file (e.g. Table 5's "bench")
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -201,7 +202,11 @@ def table_spec(data: Mapping[str, Any]) -> TableSpec:
     notes = data.get("notes") or []
     return TableSpec(str(data["name"]), str(data.get("title", data["name"])), tuple(columns), tuple(rows), average,
                      dict(defaults), str(data.get("source", "")), tuple(str(n) for n in notes), kind,
-                     str(data.get("row_title", "Configuration")))
+                     str(data.get("row_title", "Configuration")),
+                     {k: v for k, v in data.items() if k not in _SPEC_KEYS})
+
+
+_SPEC_KEYS = {"name", "title", "columns", "rows", "average", "defaults", "source", "notes", "kind", "row_title", "_origin"}
 
 
 def sweep_specs(data: Mapping[str, Any]) -> list[TableSpec]:
