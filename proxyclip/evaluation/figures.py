@@ -235,8 +235,8 @@ def make_fig1(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
     for key in spec.get("vfms", []):
         if key not in VFM_BUILDERS:
             raise ProxyCLIPError(f"VFM {key!r} is not available; choose from {', '.join(VFM_BUILDERS)}")
-        vfm = VFM_BUILDERS[key](weights=ctx.weights.vfm_file(key), random_weights=random_weights)
-        vfms[key] = ProxyCLIP(base.clip_model, base.tokenizer, vfm, config.updated(method="proxyclip", vfm=key)).to(device, dtype)
+        vfm = VFM_BUILDERS[key](weights=ctx.weights.vfm_file(key), random_weights=random_weights).to(dtype)
+        vfms[key] = ProxyCLIP(base.clip_model, base.tokenizer, vfm, config.updated(method="proxyclip", vfm=key)).to(device)
     scores = list(spec.get("clip_scores", CLIP_SCORES))
     hists = {f"CLIP {s}": PairHistogram() for s in scores}
     hists.update({key: PairHistogram() for key in vfms})
@@ -249,14 +249,14 @@ def make_fig1(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
         label = dataset.read_label(sample.label)
         label = torch.from_numpy(label)[None, None].float()
         label = F.interpolate(label, size=(size, size), mode="nearest")[0, 0].long().numpy()  # size x size
-        pixels = ((image.to(device) - base.clip_mean) / base.clip_std).to(dtype)  # 1 x 3 x s x s
+        pixels = (image.to(device) - base.clip_mean) / base.clip_std  # 1 x 3 x s x s, float32
         grid = base.clip.grid(pixels)
         valid, positive = pair_examples(patch_labels(label, grid, dataset.ignore_index, num_classes))
-        for name, value in clip_attention_scores(base.clip, pixels, scores).items():
+        for name, value in clip_attention_scores(base.clip, pixels.to(base.clip.dtype), scores).items():
             hists[f"CLIP {name}"].add(value[0].cpu().numpy()[valid], positive[valid])
         for key, model in vfms.items():
             with torch.inference_mode():
-                windows = Windows(pixels=pixels, clip=model.clip, vfm=model.vfm, window=size, to_vfm_input=model.to_vfm_input)
+                windows = Windows(source=pixels, clip=model.clip, vfm=model.vfm, window=size, to_vfm_input=model.to_vfm_input)
                 feats = windows.vfm_features()  # 1 x C x h x w
             v_valid, v_positive = pair_examples(patch_labels(label, tuple(feats.shape[-2:]), dataset.ignore_index, num_classes))
             hists[key].add(cosine_similarity(feats)[0].cpu().numpy()[v_valid], v_positive[v_valid])
@@ -370,8 +370,8 @@ def make_fig4(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
     for key in spec.get("vfms", []):
         if key not in VFM_BUILDERS:
             raise ProxyCLIPError(f"VFM {key!r} is not available; choose from {', '.join(VFM_BUILDERS)}")
-        vfm = VFM_BUILDERS[key](weights=ctx.weights.vfm_file(key), random_weights=random_weights)
-        model = ProxyCLIP(base.clip_model, base.tokenizer, vfm, config.updated(method="proxyclip", vfm=key)).to(device, dtype)
+        vfm = VFM_BUILDERS[key](weights=ctx.weights.vfm_file(key), random_weights=random_weights).to(dtype)
+        model = ProxyCLIP(base.clip_model, base.tokenizer, vfm, config.updated(method="proxyclip", vfm=key)).to(device)
         before, after = ValueHistogram(-1.0, 1.0, 4000), ValueHistogram(-gamma * (1 + beta), gamma * (1 + beta), 8000)
         for index in range(total):
             pixels = model.preprocess(load_image(dataset.samples[index].image))  # 3 x h x w
@@ -379,8 +379,8 @@ def make_fig4(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
             crops, _ = crop_windows(pixels, boxes, config.pad_multiple)
             for start in range(0, len(crops), config.window_batch):
                 with torch.inference_mode():
-                    batch = crops[start : start + config.window_batch].to(dtype)
-                    feats = Windows(pixels=batch, clip=model.clip, vfm=model.vfm, window=config.window,
+                    batch = crops[start : start + config.window_batch].float()
+                    feats = Windows(source=batch, clip=model.clip, vfm=model.vfm, window=config.window,
                                     to_vfm_input=model.to_vfm_input).vfm_features()
                     s, a = window_similarities(feats, beta, gamma)
                 before.add(s.cpu().numpy())
