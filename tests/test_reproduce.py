@@ -317,7 +317,7 @@ def test_published_numbers_match_the_paper_text(name):
     assert ours == paper_rows
 
 
-def test_table5_efficiency_through_the_bench(tmp_path, capsys):
+def test_table5_efficiency_through_the_bench(tmp_path, monkeypatch):
     spec = json.loads(grid.spec_path("table5").read_text())
     spec["bench"] = {"window": 56, "queries": 3, "warmup": 0, "iters": 1, "matmul_size": 64}
     spec["defaults"]["vfm"] = "dino_vits16"
@@ -340,3 +340,13 @@ def test_table5_efficiency_through_the_bench(tmp_path, capsys):
                                 "not available (published 3716)", "not available (published 51.5)"]
     proxy = by_row["proxyclip:dino_vits16"]
     assert table["ProxyCLIP (DINO-B/8)"][3] == expected(round(proxy["gmacs"], 2), 253.3)
+    # a re-run reuses the measurement
+    import proxyclip.apps.bench as bench_module
+
+    def no_bench(ns):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bench_module, "run_bench", no_bench)
+    assert main(["reproduce", str(path), "--out", str(out), "--clip", TINY_CLIP, "--clip-pretrained", "",
+                 "--random-weights", "--device", "cpu"]) == 0
+    assert cells((out / "table5.md").read_text()) == table
