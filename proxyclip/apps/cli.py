@@ -23,9 +23,11 @@ from contextlib import contextmanager, nullcontext
 
 from ..errors import OutputError, ProxyCLIPError
 from .bench import add_bench_parser
+from .compare import add_compare_parser
 from .demo import add_demo_parser
 from .eval import add_eval_parsers
 from .options import EXIT_USAGE, EXIT_WRITE
+from .reproduce import add_reproduce_parser
 from .segment import add_segment_parser
 
 
@@ -45,6 +47,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_eval_parsers(sub)
     add_demo_parser(sub)
     add_bench_parser(sub)
+    add_reproduce_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

@@ -175,3 +175,9 @@ VFM_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "sam_vitb": build_sam_vitb,
     "mae_vitb16": build_mae_vitb16,
 }
+
+
+# Stable Diffusion 1.5's UNet (appendix A of the paper); diffusers is imported only when it is built.
+from .sd import build_sd15  # noqa: E402
+
+VFM_BUILDERS["sd15"] = build_sd15
