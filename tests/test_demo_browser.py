@@ -26,6 +26,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TINY_CONFIG = Path(__file__).parent / "configs" / f"{TINY_CLIP}.json"
+REPO = Path(__file__).resolve().parent.parent  # the server imports this checkout's proxyclip, not an installed one
 # The real CLI entry point, with the tiny test CLIP registered first (as conftest does in-process).
 BOOT = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
         "from proxyclip.apps.cli import main; sys.exit(main(sys.argv[2:]))")
@@ -52,7 +53,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo-server")
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(tmp),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-c", BOOT, str(TINY_CONFIG), "demo", "--random-weights", "--clip", TINY_CLIP,
            "--vfm", "dino_vits16", "--window", "112", "--stride", "56", "--short-side", "112",
            "--host", "127.0.0.1", "--port", str(port), "--max-upload-mb", "1"]

@@ -109,9 +109,12 @@ def test_label_png_round_trip(tmp_path):
     assert label_image(labels, 847).mode != "P"  # the class count decides, not the labels present
 
 
-def test_palette_is_voc():
-    assert palette(3).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
-    assert len({tuple(c) for c in palette(256)}) == 256
+def test_palette_is_voc_with_a_visible_class_0():
+    assert palette(3).tolist() == [[255, 176, 0], [128, 0, 0], [0, 128, 0]]  # VOC's, but class 0 is not black
+    for n in (1, 21, 256, 847):
+        colours = palette(n)
+        assert len({tuple(c) for c in colours}) == n and colours.max(axis=1).min() > 0  # distinct, none black
+    assert palette(256)[1:].tolist() == palette(300)[1:256].tolist()  # the class count changes no colour
 
 
 def test_overlay_has_legend_width():

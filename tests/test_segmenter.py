@@ -68,7 +68,7 @@ def test_batched_windows_equal_one_window_at_a_time(model):
 def test_segment_shapes_and_probabilities(model, rng):
     image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
     result = model.segment(image, ["cat; kitten", "dog", "sky"])
-    assert result.labels.shape == (70, 90) and result.labels.dtype == np.int64
+    assert result.labels.shape == (70, 90) and result.labels.dtype == np.uint8  # 1 byte a pixel up to 256 classes
     assert result.probs.shape == (3, 70, 90)
     assert result.labels.min() >= 0 and result.labels.max() < 3
     assert np.array_equal(result.labels, result.probs.argmax(0))
