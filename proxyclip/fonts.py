@@ -1,16 +1,17 @@
 """Fonts for the legends of overlays: names in any script, never drawn as boxes.
 
 Pillow's built-in font covers ASCII only (``café`` would come out as ``caf`` and a box). Each
-legend line is drawn with the first font that has a glyph for every character of it, checked in
-the font's character map (its ``cmap`` table, read with fontTools):
+legend line is drawn with the first font that has a glyph for every character of it (checked in
+the font's character map, its ``cmap`` table, read with fontTools), or, when none has them all,
+each character with the first font that has it. The fonts, in order:
 
 1. DejaVu Sans as matplotlib ships it (Latin, Greek, Cyrillic and more; matplotlib is a
    dependency for this file only and is never imported);
 2. the system's fonts that fontconfig (``fc-match``) proposes for the missing characters, e.g.
    Noto Sans CJK or Droid Sans Fallback for Chinese, Japanese and Korean where installed.
 
-When no font covers a name, its uncovered characters are drawn without their accents where the
-font has the base letter, else as ``?``, and a warning names the class.
+Characters no font has are drawn without their accents where the font has the base letter,
+else as ``?``, and a warning names the class: never as boxes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from PIL import ImageFont
 
-__all__ = ["FontFile", "candidate_fonts", "covers", "legend_font"]
+__all__ = ["FontFile", "candidate_fonts", "covers", "legend_runs"]
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,14 @@ def charmap(font: FontFile) -> frozenset[int]:
         return frozenset()
 
 
+def _drawable(text: str) -> str:
+    """``text`` without control and format characters (nothing to draw; fonts may lack them)."""
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf"))
+
+
 def _needed(text: str) -> frozenset[int]:
-    """The code points of ``text`` that need a glyph (control and format characters do not)."""
-    return frozenset(ord(c) for c in text if unicodedata.category(c)[0] != "C")
+    """The code points of ``text`` that need a glyph."""
+    return frozenset(ord(c) for c in _drawable(text))
 
 
 def covers(font: FontFile, text: str) -> bool:
@@ -95,53 +101,57 @@ def system_fonts(code_points: frozenset[int], limit: int = 8) -> tuple[FontFile,
 def candidate_fonts(text: str) -> tuple[FontFile, ...]:
     """The fonts tried for ``text``, in order: the bundled ones, then the system's for what they miss."""
     bundled = bundled_fonts()
-    if any(covers(f, text) for f in bundled):
-        return bundled
     missing = _needed(text) - frozenset().union(*(charmap(f) for f in bundled))
-    return bundled + tuple(f for f in system_fonts(missing) if f not in bundled)
+    return bundled + tuple(f for f in system_fonts(missing) if f not in bundled) if missing else bundled
 
 
 @functools.cache
-def _truetype(font: FontFile, size: int) -> ImageFont.FreeTypeFont:
+def _truetype(font: FontFile | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if font is None:  # no font file at all (matplotlib missing, no fontconfig): Pillow's, ASCII only
+        return ImageFont.load_default(size=size)
     return ImageFont.truetype(font.path, size, index=font.index)
 
 
+_ASCII = frozenset(range(0x20, 0x7F))
 _warned: set[str] = set()
 
 
-def _replace_missing(text: str, have: frozenset[int]) -> str:
-    """Characters without a glyph -> their base letter if the font has it (é -> e), else "?"."""
-    out = []
-    for c in text:
-        if ord(c) in have or unicodedata.category(c)[0] == "C":
-            out.append(c)
-            continue
-        base = "".join(b for b in unicodedata.normalize("NFKD", c) if not unicodedata.combining(b))
-        out.append(base if base and all(ord(b) in have for b in base) else "?")
-    return "".join(out)
+def _replacement(c: str, have: frozenset[int]) -> str:
+    """A character without a glyph -> its base letter if the font has it (é -> e), else "?"."""
+    base = "".join(b for b in unicodedata.normalize("NFKD", c) if not unicodedata.combining(b))
+    return base if base and all(ord(b) in have for b in base) else "?"
 
 
-def legend_font(text: str, size: int, name: str | None = None) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, str]:
-    """A font of ``size`` pixels that draws ``text``, and the text to draw with it.
+def legend_runs(text: str, size: int, name: str | None = None) -> list[tuple[ImageFont.FreeTypeFont, str]]:
+    """How to draw ``text`` at ``size`` pixels: (font, piece of text) runs, drawn one after the other.
 
-    The text comes back unchanged when some font covers it; otherwise it is drawn with the
-    font that covers the most of it, with the other characters replaced (see the module's
-    docstring), and a ``UserWarning`` names the class ``name`` (once per name).
+    One run when a font covers the whole text (the first candidate that does); otherwise each
+    character goes to the first font that has it (e.g. Latin in DejaVu Sans, Chinese in a CJK
+    font). Characters no font has are drawn as their base letter or "?", and a ``UserWarning``
+    names the class ``name`` (once per name).
     """
+    text = _drawable(text)
     fonts = candidate_fonts(text)
     for font in fonts:
         if covers(font, text):
-            return _truetype(font, size), text
-    needed = _needed(text)
-    best = max(fonts, key=lambda f: len(needed & charmap(f)), default=None)
-    have = charmap(best) if best else frozenset(range(0x20, 0x7F))
-    drawn = _replace_missing(text, have)
-    label = name if name is not None else text
-    if label not in _warned:
+            return [(_truetype(font, size), text)]
+    runs: list[list] = []
+    lacking = []
+    for c in text:
+        font = next((f for f in fonts if ord(c) in charmap(f)), None)
+        if font is None:
+            lacking.append(c)
+            font = fonts[0] if fonts else None
+            c = _replacement(c, charmap(font) if font else _ASCII)
+        if runs and runs[-1][0] == font:
+            runs[-1][1] += c
+        else:
+            runs.append([font, c])
+    label = text if name is None else name
+    if lacking and label not in _warned:
         _warned.add(label)
-        lacking = "".join(sorted({c for c in text if ord(c) in needed - have}))
-        warnings.warn(f"no font has glyphs for {lacking!r} of the class name {label!r}; legends show it as "
-                      f"{_replace_missing(label, have)!r}. Install a font that covers it (e.g. Noto Sans CJK for "
-                      "Chinese, Japanese, Korean) to see it as written", UserWarning, stacklevel=2)
-    font = _truetype(best, size) if best else ImageFont.load_default(size=size)
-    return font, drawn
+        shown = "".join(piece for _, piece in runs)
+        warnings.warn(f"no font has glyphs for {''.join(dict.fromkeys(lacking))!r} in the class name {label!r}; "
+                      f"legends show {shown!r}. Install a font that covers it (e.g. Noto Sans CJK for Chinese, "
+                      "Japanese and Korean) to see it as written", UserWarning, stacklevel=2)
+    return [(_truetype(font, size), piece) for font, piece in runs]

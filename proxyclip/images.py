@@ -85,16 +85,13 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return out
 
 
-def load_image(image: ImageInput, max_pixels: int | None = None) -> np.ndarray:
+def load_image(image: ImageInput) -> np.ndarray:
     """Read an image as an H x W x 3 uint8 RGB array.
 
     Paths are decoded fully (truncated files fail here, not later), EXIF orientation is
     applied, and grayscale, palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB.
-    A file is decoded once and copied once (no full-size intermediate copies).
-
-    Args:
-        image: a path, a PIL image or an array.
-        max_pixels: refuse files with more pixels (default: :func:`pixel_limit`).
+    A file is decoded once and copied once (no full-size intermediate copies). Files with more
+    pixels than :func:`pixel_limit` are refused before they are decoded.
 
     Raises:
         ImageError: the file is missing, not an image, corrupt, truncated or too large.
@@ -104,12 +101,13 @@ def load_image(image: ImageInput, max_pixels: int | None = None) -> np.ndarray:
     if isinstance(image, Image.Image):
         return _pil_to_array(_to_rgb(ImageOps.exif_transpose(image) or image))
     path = Path(image)
-    limit = pixel_limit() if max_pixels is None else max_pixels
+    limit = pixel_limit()
     if limit is not None and Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
-        Image.MAX_IMAGE_PIXELS = limit  # a worker process that got the limit through the environment
+        Image.MAX_IMAGE_PIXELS = limit  # a process that got the limit through the environment (a loader worker)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns above its limit (checked here, with the size in the message) and fails above twice it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if limit is not None and img.width * img.height > limit:
                     raise _too_large(path, img.width * img.height, limit, img.size)
@@ -123,7 +121,7 @@ def load_image(image: ImageInput, max_pixels: int | None = None) -> np.ndarray:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         raise _too_large(path, int(found.group(1)) if found else None,
                          limit if limit is not None else Image.MAX_IMAGE_PIXELS or 0) from None
@@ -218,8 +216,8 @@ def class_areas(labels: np.ndarray) -> np.ndarray:
     """Pixel count of each class 0..max(labels) (int64), counted a band at a time (no sorted copy)."""
     flat = labels.reshape(-1)
     counts = np.zeros(0, dtype=np.int64)
-    for start in range(0, flat.size, 16 * _BAND_PIXELS):
-        part = np.bincount(flat[start : start + 16 * _BAND_PIXELS])
+    for start in range(0, flat.size, _BAND_PIXELS):
+        part = np.bincount(flat[start : start + _BAND_PIXELS])  # converts the chunk to int64
         if part.size > counts.size:
             part[: counts.size] += counts
             counts = part
@@ -245,21 +243,19 @@ def legend_font_size(height: int, width: int) -> int:
 @dataclass(frozen=True)
 class _LegendItem:
     colour: tuple[int, int, int]
-    text: str
-    font: object
+    runs: list  # (font, text) pieces drawn one after the other (proxyclip.fonts.legend_runs)
     width: int  # swatch, gap and text, in pixels
 
 
 def _legend_items(present, names, colours, size) -> list[_LegendItem]:
-    from .fonts import legend_font
+    from .fonts import legend_runs
 
-    gap = max(4, size // 2)
     items = []
     for c, share in present:
         name = names[c] if c < len(names) else f"class {c}"
-        font, text = legend_font(f"{name}  {100 * share:.1f}%", size, name=name)
-        items.append(_LegendItem(tuple(int(v) for v in colours[c]), text, font,
-                                 size + gap + math.ceil(font.getlength(text))))
+        runs = legend_runs(f"{name}  {100 * share:.1f}%", size, name=name)
+        text_w = sum(font.getlength(piece) for font, piece in runs)
+        items.append(_LegendItem(tuple(int(v) for v in colours[c]), runs, size + max(4, size // 2) + math.ceil(text_w)))
     return items
 
 
@@ -313,15 +309,22 @@ def overlay_image(
     canvas = Image.new("RGB", canvas_size, (255, 255, 255))
     rows = max(1, _BAND_PIXELS // max(1, width))
     for top in range(0, height, rows):
-        band = image[top : top + rows].astype(np.float32) * (1 - alpha)
-        band += colours[labels[top : top + rows]].astype(np.float32) * alpha
-        canvas.paste(Image.fromarray(band.round().astype(np.uint8)), (0, top))
+        band = image[top : top + rows].astype(np.float32)
+        band *= 1 - alpha
+        colour = colours[labels[top : top + rows]].astype(np.float32)
+        colour *= alpha
+        band += colour
+        canvas.paste(Image.fromarray(np.round(band, out=band).astype(np.uint8)), (0, top))
     draw = ImageDraw.Draw(canvas)
     for (x, y), item in zip(places, items):
         x, y = origin[0] + x, origin[1] + y
         draw.rectangle([x, y, x + size, y + size], fill=item.colour, outline=(0, 0, 0), width=max(1, size // 16))
-        draw.text((x + size + max(4, size // 2), y + size // 2), item.text, fill=(0, 0, 0), font=item.font,
-                  anchor="lm")
+        ascent, descent = item.runs[0][0].getmetrics()
+        baseline = y + size / 2 + (ascent - descent) / 2  # the text centred on the swatch
+        x += size + max(4, size // 2)
+        for font, piece in item.runs:
+            draw.text((x, baseline), piece, fill=(0, 0, 0), font=font, anchor="ls")
+            x += font.getlength(piece)
     return canvas
 
 

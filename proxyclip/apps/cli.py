@@ -13,7 +13,7 @@ from ..errors import ProxyCLIPError
 from .bench import add_bench_parser
 from .demo import add_demo_parser
 from .eval import add_eval_parsers
-from .options import EXIT_USAGE
+from .options import EXIT_USAGE, apply_image_args
 from .segment import add_segment_parser
 
 
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            apply_image_args(args)
             return args.func(args)
     except ProxyCLIPError as exc:
         print(f"proxyclip: error: {exc}", file=sys.stderr)

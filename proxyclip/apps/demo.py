@@ -573,7 +573,7 @@ def _vfm_spec(text: str) -> tuple[str, str | None]:
 
 def add_demo_parser(sub) -> None:
     """Register ``proxyclip demo`` on the CLI's sub-parsers."""
-    from .options import add_inference_args, add_model_args
+    from .options import add_image_args, add_inference_args, add_model_args
 
     p = sub.add_parser(
         "demo",
@@ -605,6 +605,7 @@ def add_demo_parser(sub) -> None:
                           "have that size (default: %(default)s)")
     lim.add_argument("--max-classes", type=int, default=DemoLimits.max_classes, help="classes per request (default: %(default)s)")
     add_model_args(p)
+    add_image_args(p)
     add_inference_args(p)
     p.set_defaults(func=run_demo)
 

@@ -33,6 +33,7 @@ from ..evaluation.runner import (
 from ..images import write_atomically
 from .options import (
     EXIT_OK,
+    add_image_args,
     add_inference_args,
     add_model_args,
     build_model,
@@ -91,6 +92,7 @@ def add_eval_parsers(sub) -> None:
     c.add_argument("--ignore-index", type=int, default=255, help="label value left out of scoring (default: %(default)s)")
     c.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignored, the others shift down by one")
     add_model_args(p)
+    add_image_args(p)
     add_inference_args(p, window=None, stride=None, short_side=None, bg_threshold=None, long_side=None)
     p.set_defaults(func=run_eval)
 

@@ -11,6 +11,7 @@ from ..errors import ProxyCLIPError
 from .options import (
     EXIT_OK,
     EXIT_PARTIAL,
+    add_image_args,
     add_inference_args,
     add_model_args,
     build_model,
@@ -55,6 +56,7 @@ def add_segment_parser(sub) -> None:
     p.add_argument("--save-probs", action="store_true", help="also save the class probabilities as NAME_probs.npy")
     p.add_argument("--no-overlay", action="store_true", help="do not write the colour overlay")
     add_model_args(p)
+    add_image_args(p)
     add_inference_args(p)
     p.set_defaults(func=run_segment)
 

@@ -98,7 +98,7 @@ class ProxyCLIP(nn.Module):
         # query names -> Q x E embeddings, least recently used first
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict() if text_cache is None else text_cache
         self.text_cache_size = 64  # class lists whose embeddings are kept (a server sees many)
-        self.band_elements = 2**26  # at most this many logits resized at once in segment()
+        self.band_elements = 2**22  # at most this many logits resized at once in segment() (each band: ~6 copies)
         self.batch_elements = 2**28  # at most this many window logits per forward pass
 
     @classmethod
