@@ -253,7 +253,7 @@ def _legend_items(present, names, colours, size) -> list[_LegendItem]:
     items = []
     for c, share in present:
         name = names[c] if c < len(names) else f"class {c}"
-        runs = legend_runs(f"{name}  {100 * share:.1f}%", size, name=name)
+        runs = legend_runs(f"{name}  {100 * share:.1f}%" if share >= 0.0005 else f"{name}  <0.1%", size, name=name)
         text_w = sum(font.getlength(piece) for font, piece in runs)
         items.append(_LegendItem(tuple(int(v) for v in colours[c]), runs, size + max(4, size // 2) + math.ceil(text_w)))
     return items

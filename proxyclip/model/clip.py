@@ -7,7 +7,7 @@ Only public pieces of open_clip's ViT are touched: ``conv1``, ``class_embedding`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import open_clip
 import torch
@@ -199,12 +199,14 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_queries(
-    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8
+    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates.
 
     Each template's embedding is l2-normalised, averaged over templates and normalised again,
-    as open_clip's ``build_zero_shot_classifier`` does.
+    as open_clip's ``build_zero_shot_classifier`` does. ``progress(done, total)`` is called after
+    each batch of names (e.g. to draw a progress bar).
 
     Returns:
         Q x E float32, rows of unit norm.
@@ -216,4 +218,6 @@ def encode_queries(
         tokens = tokenizer([t(name) for name in names for t in templates]).to(device)  # (n*80) x 77
         emb = encode_text(model, tokens).reshape(len(names), len(templates), -1).mean(dim=1)  # n x E
         out.append(F.normalize(emb.float(), dim=-1))
+        if progress is not None:
+            progress(start + len(names), len(queries))
     return torch.cat(out)  # Q x E

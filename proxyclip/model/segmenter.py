@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -161,14 +161,16 @@ class ProxyCLIP(nn.Module):
         """Whether :meth:`encode_classes` has these names cached (it then costs nothing)."""
         return make_class_list(classes).queries in self._text_cache
 
-    def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]]) -> torch.Tensor:
-        """Q x E unit-norm text embeddings of every query name; cached per list of names."""
+    def encode_classes(self, classes: ClassList | Sequence[str | Sequence[str]],
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Q x E unit-norm text embeddings of every query name; cached per list of names.
+        ``progress(done, total)`` follows an encoding of names."""
         queries = make_class_list(classes).queries
         cache = self._text_cache
         if queries in cache:
             cache.move_to_end(queries)
             return cache[queries]
-        emb = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device).to(self.dtype)
+        emb = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device, progress=progress).to(self.dtype)
         cache[queries] = emb
         while len(cache) > self.text_cache_size:
             cache.popitem(last=False)
