@@ -138,8 +138,11 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.dtype != np.uint8:
         if arr.dtype == np.uint16:
             arr = (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
-        elif np.issubdtype(arr.dtype, np.floating) and arr.size and np.nanmax(arr) <= 1.0:
-            arr = np.clip(np.nan_to_num(arr) * 255, 0, 255).round().astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
+            arr = (arr * 255).round().astype(np.uint8)  # float images in [0, 1]
+        elif np.issubdtype(arr.dtype, np.floating):
+            raise ImageError(f"a float image array must hold finite values in [0, 1]; got values in "
+                             f"[{np.nanmin(arr):g}, {np.nanmax(arr):g}]: scale it to [0, 1] or pass uint8 (0-255)")
         else:
             raise ImageError(f"image arrays must be uint8 (or uint16, or float in [0, 1]); got {arr.dtype}")
     if arr.shape[2] == 1:

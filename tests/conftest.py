@@ -44,9 +44,9 @@ def tiny_model(vfm=None, **config) -> ProxyCLIP:
     config.setdefault("window", 112)
     config.setdefault("stride", 56)
     config.setdefault("short_side", None)
-    config = ProxyCLIPConfig(clip=TINY_CLIP, clip_pretrained="", **config)
+    config = ProxyCLIPConfig.create(clip=TINY_CLIP, clip_pretrained="", **config)
     clip_model, tokenizer = tiny_clip()
-    if vfm is None and config.method == "proxyclip":
+    if vfm is None and config.needs_vfm:
         vfm = tiny_dino()
     return ProxyCLIP(clip_model, tokenizer, vfm, config)
 

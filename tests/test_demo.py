@@ -29,6 +29,7 @@ from proxyclip.apps.demo import (
     vocabulary,
 )
 from proxyclip.errors import ClassNamesError, ImageError, ProxyCLIPError
+from proxyclip.model.methods import METHODS
 
 HOUSE = EXAMPLES_DIR / "house.jpg"
 
@@ -190,7 +191,7 @@ def test_run_segments_writes_files_and_reports_time(app):
 
 def test_run_applies_the_settings(app):
     base = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app))
-    other = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, beta=0.2, gamma=8.0))
+    other = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, options={"beta": 0.2, "gamma": 8.0}))
     assert not np.array_equal(base.labels, other.labels)
     everything_bg = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, bg_threshold=1.0))
     assert (everything_bg.labels == 0).all()
@@ -207,7 +208,8 @@ def test_run_applies_the_settings(app):
 def test_compare_runs_three_methods_side_by_side(app):
     out = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, compare=True, method="maskclip"))
     captions = [caption for _, caption in out.comparison]
-    assert [c.split(" - ")[0] for c in captions] == ["vanilla CLIP", "MaskCLIP", "ProxyCLIP"]
+    assert [c.split(" - ")[0] for c in captions] == [METHODS[m].title for m in ("clip", "maskclip", "proxyclip")] + [
+        spec.title for name, spec in METHODS.items() if name not in ("clip", "maskclip", "proxyclip")]
     assert all(img.width == 160 and img.height > 120 for img, _ in out.comparison)  # the legend below the image
     alone = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, method="maskclip"))
     assert np.array_equal(alone.labels, out.labels) and "with MaskCLIP" in out.summary
@@ -259,12 +261,21 @@ def _handler(blocks, api_name):
     return next(f.fn for f in blocks.fns.values() if f.api_name == api_name)
 
 
+def _segment_handler(app):
+    """The page's Segment handler, called as Gradio calls it: the progress tracker first."""
+    on_segment = _handler(demo.build_ui(app), "segment")
+
+    def call(*inputs, progress=lambda *args, **kwargs: None):
+        return on_segment(progress, *inputs)
+
+    return call
+
+
 def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_path):
     gr = pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
-    blocks = demo.build_ui(app)
-    on_segment = _handler(blocks, "segment")
+    on_segment = _segment_handler(app)
     d = app.defaults
-    knobs = [d.clip, d.vfm, "proxyclip", d.beta, d.gamma, d.bg_threshold, d.window, d.stride]
+    knobs = [d.clip, d.vfm, "proxyclip", d.bg_threshold, d.window, d.stride]
     upload = {"path": str(HOUSE), "orig_name": "house.jpg"}
     annotated, status, files, gallery, has_result = on_segment(upload, CUSTOM, "sky, grass, house", *knobs, True, False)
     base, masks = annotated.value["image"], annotated.value["annotations"]
@@ -287,7 +298,7 @@ def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_pa
         (upload, CUSTOM, "  ", knobs, "name at least one class"),
         (upload, CUSTOM, "sky, sky", knobs, "given twice"),
         (None, CUSTOM, "sky", knobs, "no image"),
-        (upload, CUSTOM, "sky", [*knobs[:6], 112, 224], "stride 224 is larger"),
+        (upload, CUSTOM, "sky", [*knobs[:4], 112, 224], "stride 224 is larger"),
         (upload, CUSTOM, "sky", [*knobs[:3], "many", *knobs[4:]], "bad setting"),
     ]
     for had_result in (True, False):
@@ -302,39 +313,39 @@ def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_pa
 
 def test_page_handler_reports_progress(app):
     pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
-    on_segment = _handler(demo.build_ui(app), "segment")
+    on_segment = _segment_handler(app)
     seen = []
 
     def progress(fraction, desc=None, **kwargs):
         seen.append((fraction, desc))
 
     d = app.defaults
-    on_segment({"path": str(HOUSE)}, "PASCAL VOC (21 classes)", None, d.clip, d.vfm, "proxyclip", 1.2, 3.0, 0.0, 112,
-               56, True, False, progress=progress)
+    on_segment({"path": str(HOUSE)}, "PASCAL VOC (21 classes)", None, d.clip, d.vfm, "proxyclip", 0.0, 112, 56, True,
+               False, progress=progress)
     queries = len(vocabulary("PASCAL VOC (21 classes)")[0].queries)
     encoding = [(f, what) for f, what in seen if what.startswith("encoding the class names")]
     assert [what.split(":")[1].split("(")[0].strip() for _, what in encoding] == [
         f"{done} of {queries}" for done in [0, *range(8, queries, 8), queries]]
     assert encoding[-1][0] == 1.0
     assert [what for _, what in seen if what.startswith("segmenting")] == [
-        "segmenting with vanilla CLIP", "segmenting with MaskCLIP", "segmenting with ProxyCLIP"]
+        f"segmenting with {title}" for title in demo.method_titles().values()]
     seen.clear()
-    on_segment({"path": str(HOUSE)}, "PASCAL VOC (21 classes)", None, d.clip, d.vfm, "proxyclip", 1.2, 3.0, 0.0, 112,
-               56, False, True, progress=progress)
+    on_segment({"path": str(HOUSE)}, "PASCAL VOC (21 classes)", None, d.clip, d.vfm, "proxyclip", 0.0, 112, 56, False,
+               True, progress=progress)
     assert not [what for _, what in seen if what.startswith("encoding")]  # cached: nothing to wait for
 
 
 def test_page_handler_hides_internal_errors_behind_one_line(app, monkeypatch):
     pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
-    on_segment = _handler(demo.build_ui(app), "segment")
+    on_segment = _segment_handler(app)
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory\nat some deep place")
 
     monkeypatch.setattr(app, "run", broken)
     d = app.defaults
-    status = on_segment({"path": str(HOUSE)}, CUSTOM, "sky", d.clip, d.vfm, "proxyclip", 1.2, 3.0, 0.0, 112, 56,
-                        False, False)[1]
+    status = on_segment({"path": str(HOUSE)}, CUSTOM, "sky", d.clip, d.vfm, "proxyclip", 0.0, 112, 56, False, False,
+                        1.2, 3.0)[1]
     assert "segmentation failed (RuntimeError: out of memory); the server log" in status.value
     assert "deep place" not in status.value
 

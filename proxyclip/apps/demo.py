@@ -25,15 +25,17 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..classes import ClassList, parse_classes
 from ..errors import ClassNamesError, ImageError, ProxyCLIPError
+from ..model.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,7 @@ VOCABULARIES = {
 }
 CUSTOM = "Custom"
 
-METHODS = {"proxyclip": "ProxyCLIP", "maskclip": "MaskCLIP", "clip": "vanilla CLIP"}
-COMPARE_ORDER = ("clip", "maskclip", "proxyclip")
+PAGE_METHODS_FIRST = ("clip", "maskclip", "proxyclip")  # the baselines, then the method, then the registry's others
 MASK_OPACITY = 0.6  # of the class colours over the image in the page
 
 # (image file in data/examples, classes) shown under the inputs.
@@ -104,7 +105,7 @@ def vocabulary(label: str) -> tuple[ClassList, tuple[str, ...], float]:
         raise DemoInputError(f"unknown vocabulary {label!r}; choose one of {', '.join(VOCABULARIES)}")
     preset = get_preset(VOCABULARIES[label])
     classes = preset.class_list()
-    return classes, preset.display_names(classes), preset.bg_threshold
+    return classes, preset.display_names(classes), preset.setting("bg_threshold")
 
 
 def format_classes(classes: ClassList) -> str:
@@ -161,6 +162,31 @@ def read_upload(path: str | os.PathLike, limits: DemoLimits) -> tuple[np.ndarray
     return pixels, (width, height)
 
 
+def method_titles() -> dict[str, str]:
+    """The methods of the registry, name -> title, in the page's order."""
+    from ..model.methods import METHODS
+
+    names = [n for n in PAGE_METHODS_FIRST if n in METHODS] + [n for n in METHODS if n not in PAGE_METHODS_FIRST]
+    return {name: METHODS[name].title for name in names}
+
+
+def method_options() -> dict[str, dict]:
+    """Every method option of the registry, name -> {default, help, choices, methods}, for the page's
+    controls (an option shared by several methods is one control)."""
+    from dataclasses import fields
+
+    from ..model.methods import METHODS
+
+    options: dict[str, dict] = {}
+    for name in method_titles():
+        spec = METHODS[name]
+        for f in fields(spec.options):
+            entry = options.setdefault(f.name, {"default": f.default, "help": f.metadata.get("help", ""),
+                                                "choices": f.metadata.get("choices"), "methods": []})
+            entry["methods"].append(name)
+    return options
+
+
 # ---- models ----------------------------------------------------------------------------------
 
 class ModelStore:
@@ -176,7 +202,7 @@ class ModelStore:
     def __init__(self, base, clip_loaders: dict[str, tuple[str, Callable[[], tuple]]] | None = None,
                  vfm_loaders: dict[str, Callable[[], object]] | None = None):
         if base.vfm is None:
-            raise ProxyCLIPError("the demo's model must be built with method 'proxyclip' (it needs the VFM)")
+            raise ProxyCLIPError("the demo's model must be built with a VFM (method 'proxyclip'): some methods use it")
         cfg = base.config
         self.base = base
         self._clip_loaders = {cfg.clip: (cfg.clip_pretrained, None), **(clip_loaders or {})}
@@ -233,13 +259,12 @@ class Settings:
 
     clip: str
     vfm: str
-    method: str = "proxyclip"
-    beta: float = 1.2
-    gamma: float = 3.0
-    bg_threshold: float = 0.0
-    window: int = 336
-    stride: int = 112
-    compare: bool = False  # also run vanilla CLIP and MaskCLIP and show the three side by side
+    method: str
+    bg_threshold: float
+    window: int
+    stride: int
+    compare: bool = False  # run every method and show them side by side
+    options: Mapping[str, Any] = field(default_factory=dict)  # method options by name, for the methods that take them
 
 
 @dataclass
@@ -280,8 +305,8 @@ class DemoApp:
 
     def __init__(self, store: ModelStore, limits: DemoLimits | None = None, out_dir: str | Path | None = None,
                  random_weights: bool = False, default_method: str = "proxyclip", keep: int = 32):
-        if default_method not in METHODS:
-            raise DemoInputError(f"unknown method {default_method!r}; choose one of {', '.join(METHODS)}")
+        if default_method not in method_titles():
+            raise DemoInputError(f"unknown method {default_method!r}; choose one of {', '.join(method_titles())}")
         self.store = store
         self.limits = limits or DemoLimits()
         self.random_weights = random_weights
@@ -295,8 +320,9 @@ class DemoApp:
     @property
     def defaults(self) -> Settings:
         cfg = self.store.base.config
-        return Settings(clip=cfg.clip, vfm=cfg.vfm, beta=cfg.beta, gamma=cfg.gamma, bg_threshold=cfg.bg_threshold,
-                        window=cfg.window, stride=cfg.stride)
+        return Settings(clip=cfg.clip, vfm=cfg.vfm, method=self.default_method, bg_threshold=cfg.bg_threshold,
+                        window=cfg.window,
+                        stride=cfg.stride, options={k: v["default"] for k, v in method_options().items()})
 
     def resolve_classes(self, preset: str | None, text: str | None) -> tuple[ClassList, tuple[str, ...]]:
         """The classes of a request: a preset vocabulary, or the text box when ``preset`` is CUSTOM/None."""
@@ -326,8 +352,9 @@ class DemoApp:
         large vocabulary on a CPU), segmenting with each method.
         """
         say = progress or (lambda fraction, what: None)
-        if settings.method not in METHODS:
-            raise DemoInputError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+        titles = method_titles()
+        if settings.method not in titles:
+            raise DemoInputError(f"unknown method {settings.method!r}; choose one of {', '.join(titles)}")
         classes, names = self.resolve_classes(preset, text)
         if image_path is None:
             raise ImageError("no image: upload one, paste one, take one with the webcam, or click an example")
@@ -350,13 +377,13 @@ class DemoApp:
                 encoding(0, len(classes.queries))
             pair.encode_classes(classes, progress=encoding)  # cached per CLIP and class list
             text_seconds = None if encoded else time.perf_counter() - start
-            methods = COMPARE_ORDER if settings.compare else (settings.method,)
+            methods = tuple(titles) if settings.compare else (settings.method,)
             runs = {}
             for i, method in enumerate(methods):
-                say(i / len(methods), f"segmenting with {METHODS[method]}")
-                model = pair.with_config(method=method, beta=settings.beta, gamma=settings.gamma,
-                                         bg_threshold=settings.bg_threshold, window=int(settings.window),
-                                         stride=int(settings.stride))
+                say(i / len(methods), f"segmenting with {titles[method]}")
+                options = {k: v for k, v in settings.options.items() if k in get_method(method).option_names()}
+                model = pair.with_config(method=method, bg_threshold=settings.bg_threshold,
+                                         window=int(settings.window), stride=int(settings.stride), **options)
                 start = time.perf_counter()
                 result = model.segment(pixels, classes, return_probs=False)  # labels only: less memory
                 runs[method] = (result.labels, time.perf_counter() - start)
@@ -371,11 +398,11 @@ class DemoApp:
         overlay = overlay_image(pixels, labels, names)
         comparison = []
         if settings.compare:  # shown a third of the result's width: the legend below, in large type
+            titles = method_titles()
             font_size = comparison_font_size(pixels.shape[1])
-            for method in COMPARE_ORDER:
-                m_labels, m_seconds = runs[method]
+            for method, (m_labels, m_seconds) in runs.items():
                 comparison.append((overlay_image(pixels, m_labels, names, legend="below", font_size=font_size),
-                                   f"{METHODS[method]} - {m_seconds:.2f} s"))
+                                   f"{titles[method]} - {m_seconds:.2f} s"))
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(image_name or "image").stem).strip("_")[:40] or "image"
         folder = self._new_folder()
         files = [folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png"]
@@ -388,9 +415,9 @@ class DemoApp:
         h, w = labels.shape
         size = f"{w} x {h} px" + ("" if (w, h) == tuple(original_size) else
                                   f" (downscaled from {original_size[0]} x {original_size[1]})")
-        vfm = f" + {settings.vfm}" if settings.method == "proxyclip" else ""
+        vfm = f" + {settings.vfm}" if get_method(settings.method).needs_vfm else ""
         lines = [
-            f"**Segmented in {seconds:.2f} s** with {METHODS[settings.method]} (CLIP {settings.clip}{vfm}, "
+            f"**Segmented in {seconds:.2f} s** with {method_titles()[settings.method]} (CLIP {settings.clip}{vfm}, "
             f"on {self.store.base.device.type}) · {size} · {len(names)} classes, {len(present)} present",
             f"Present: {shares}{more}.",
         ]
@@ -498,13 +525,20 @@ def build_ui(app: DemoApp):
                                        info="others load on first use")
                     vfm = gr.Dropdown(app.store.vfm_names, value=d.vfm, label="VFM (proxy attention)",
                                       elem_id="pc-vfm", info="others load on first use")
-                compare = gr.Checkbox(False, label="Compare vanilla CLIP, MaskCLIP and ProxyCLIP side by side",
+                compare = gr.Checkbox(False, label="Compare every method side by side",
                                       elem_id="pc-compare")
                 with gr.Accordion("Advanced settings", open=False):
-                    method = gr.Radio([(v, k) for k, v in METHODS.items()], value=app.default_method,
-                                      label="Method", info="MaskCLIP and vanilla CLIP are baselines without a VFM")
-                    beta = gr.Slider(0.0, 3.0, value=d.beta, step=0.05, label="beta (shift, eq. 6)")
-                    gamma = gr.Slider(0.0, 10.0, value=d.gamma, step=0.1, label="gamma (scale, eq. 6)")
+                    method = gr.Radio([(v, k) for k, v in method_titles().items()], value=app.default_method,
+                                      label="Method", info="the training-free methods; those without a VFM ignore it")
+                    option_controls = []
+                    for name, entry in method_options().items():
+                        label = f"{name} ({', '.join(entry['methods'])})"
+                        if entry["choices"]:
+                            control = gr.Dropdown(list(entry["choices"]), value=entry["default"], label=label,
+                                                  info=entry["help"])
+                        else:
+                            control = gr.Number(value=entry["default"], label=label, info=entry["help"])
+                        option_controls.append(control)
                     bg = gr.Slider(0.0, 1.0, value=d.bg_threshold, step=0.01, label="background threshold",
                                    info="pixels less certain than this go to the first class; 0 = off")
                     sizes = sorted({56, 112, 224, 336, 448, 560, 672, d.window, d.stride})
@@ -520,7 +554,7 @@ def build_ui(app: DemoApp):
                                      elem_id="pc-status")
                 result = gr.AnnotatedImage(label="Segmentation (hover a class to highlight it)", height=400,
                                            elem_id="pc-result", format="png")
-                gallery = gr.Gallery(label="Vanilla CLIP / MaskCLIP / ProxyCLIP", columns=3, height="auto",
+                gallery = gr.Gallery(label="Every method, side by side", columns=3, height="auto",
                                      visible=False, elem_id="pc-compare-gallery", object_fit="contain",
                                      preview=False, format="png", show_label=False)  # png: sharp legend text
                 files = gr.File(label="Downloads: label map (palette PNG) and overlay with legend",
@@ -543,14 +577,21 @@ def build_ui(app: DemoApp):
             return (gr.skip(), gr.Markdown(f"**Not segmented:** {message}{note}", elem_classes=["pc-error"]),
                     gr.skip(), gr.skip(), had_result)
 
-        tracker = gr.Progress()  # Gradio fills it in for a request (a bar in the outputs)
+        option_defaults = {k: v["default"] for k, v in method_options().items()}
+        tracker = gr.Progress()  # Gradio fills it in for a request (a bar over the result)
 
-        def on_segment(image_payload, vocab_label, text, clip_name, vfm_name, method_name, beta_, gamma_, bg_,
-                       window_, stride_, compare_, had_result, progress=tracker):
+        # progress comes first: Gradio passes a Progress only to a positional parameter, and the method
+        # options (as many as the registry has) arrive last, as *option_values
+        def on_segment(progress=tracker, image_payload=None, vocab_label=None, text=None, clip_name=None,
+                       vfm_name=None, method_name=None, bg_=None, window_=None, stride_=None, compare_=False,
+                       had_result=False, *option_values):
             try:
-                settings = Settings(clip=clip_name, vfm=vfm_name, method=method_name, beta=float(beta_),
-                                    gamma=float(gamma_), bg_threshold=float(bg_), window=int(window_),
-                                    stride=int(stride_), compare=bool(compare_))
+                options = dict(option_defaults)
+                for (name, default), value in zip(option_defaults.items(), option_values):
+                    options[name] = type(default)(value)
+                settings = Settings(clip=clip_name, vfm=vfm_name, method=method_name, bg_threshold=float(bg_),
+                                    window=int(window_), stride=int(stride_), compare=bool(compare_),
+                                    options=options)
             except (TypeError, ValueError) as exc:
                 return failed(f"bad setting: {exc}", had_result)
 
@@ -582,8 +623,8 @@ def build_ui(app: DemoApp):
 
         vocab.change(on_vocab, vocab, [classes, bg], queue=False, show_progress="hidden")
         button.click(on_start, None, status, queue=False, show_progress="hidden").then(
-            on_segment, [image, vocab, classes, clip, vfm, method, beta, gamma, bg, window, stride, compare,
-                         has_result],
+            on_segment, [image, vocab, classes, clip, vfm, method, bg, window, stride, compare, has_result,
+                         *option_controls],
             [result, status, files, gallery, has_result], preprocess=False, concurrency_limit=1, api_name="segment",
             show_progress_on=[result])  # the bar over the result; the status line stays readable
     return demo
@@ -620,12 +661,10 @@ def _clip_spec(text: str) -> tuple[str, str | None, str | None]:
 
 def _vfm_spec(text: str) -> tuple[str, str | None]:
     """NAME[=FILE] -> (name, file)."""
-    from ..model.vfm import VFM_BUILDERS
+    from .options import vfm_key
 
     name, _, weights = text.partition("=")
-    if name not in VFM_BUILDERS:
-        raise argparse.ArgumentTypeError(f"unknown VFM {name!r}; choose one of {', '.join(sorted(VFM_BUILDERS))}")
-    return name, weights or None
+    return vfm_key(name), weights or None
 
 
 def add_demo_parser(sub) -> None:
@@ -671,14 +710,15 @@ def make_app(args: argparse.Namespace) -> DemoApp:
     """Build the models the options name (the defaults now, the --add-* ones on first use) and the app."""
     from functools import partial
 
-    from ..model.clip import default_pretrained, load_clip
+    from ..model.clip import load_clip
+    from ..model.config import default_pretrained
     from ..model.vfm import VFM_BUILDERS
     from .options import build_model, config_from_args
 
     if min(args.max_upload_mb, args.max_side, args.work_side, args.max_classes, args.queue_size) <= 0:
         raise ProxyCLIPError("--max-upload-mb, --max-side, --work-side, --max-classes and --queue-size must be positive")
     config = config_from_args(args)
-    base = build_model(args, replace(config, method="proxyclip"))
+    base = build_model(args, config.updated(method="proxyclip"))  # with the VFM, which some methods use
     clips = {name: (default_pretrained(name, tag),
                     partial(load_clip, name, default_pretrained(name, tag), weights, args.random_weights))
              for name, tag, weights in args.add_clip if name != config.clip}

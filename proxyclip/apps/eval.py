@@ -11,7 +11,9 @@ from pathlib import Path
 from ..classes import read_class_file
 from ..errors import ProxyCLIPError
 from ..evaluation.datasets import SegmentationDataset, coco_object_jobs, convert_coco_object_label
+from ..evaluation.distributed import init_distributed
 from ..evaluation.presets import (
+    DATASET_SETTINGS,
     PRESETS,
     TABLE1_LARGE,
     TABLE1_MAIN,
@@ -20,16 +22,8 @@ from ..evaluation.presets import (
     load_preset,
     preset_to_json,
 )
-from ..evaluation.runner import (
-    _PER_DATASET,
-    _fmt,
-    collect_results,
-    default_workers,
-    evaluate,
-    init_distributed,
-    preset_config,
-    table1,
-)
+from ..evaluation.report import _fmt, collect_results, table1
+from ..evaluation.runner import PROTOCOLS, RunOptions, dataset_settings, default_workers, evaluate, preset_config
 from ..images import write_atomically
 from .options import (
     EXIT_OK,
@@ -39,6 +33,7 @@ from .options import (
     build_model,
     config_from_args,
     ensure_writable_dir,
+    explicit_settings,
     resolve_device,
 )
 
@@ -93,7 +88,12 @@ def add_eval_parsers(sub) -> None:
     c.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignored, the others shift down by one")
     add_model_args(p)
     add_image_args(p)
-    add_inference_args(p, window=None, stride=None, short_side=None, bg_threshold=None, long_side=None)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="method",
+                   help="per-dataset settings (background threshold, ...) where a method's published runs differ from "
+                        "the dataset preset: 'method' uses the method's own, 'dataset' the preset's (ProxyCLIP's "
+                        "protocol); options given on the command line win over both; the result records which "
+                        "(default: %(default)s)")
+    add_inference_args(p, per_dataset=DATASET_SETTINGS)
     p.set_defaults(func=run_eval)
 
     q = sub.add_parser(
@@ -217,18 +217,19 @@ def run_eval(args: argparse.Namespace) -> int:
     dist = init_distributed(device.type)
     if dist.world > 1 and device.type == "cuda":
         args.device = f"cuda:{dist.local_rank}"
-    overrides = {k: getattr(args, k) for k in _PER_DATASET}
+    overrides = explicit_settings(args)
+    run = RunOptions(out_dir=args.out, limit=args.limit, workers=args.workers, resume=not args.restart,
+                     checkpoint_every=args.checkpoint_every, batch_images=args.batch_images,
+                     save_predictions=args.save_predictions, save_overlays=args.save_overlays,
+                     progress=not args.no_progress)
     model = None
     try:
         for data in datasets:
             if model is None:
-                model = build_model(args, config_from_args(args, **{k: getattr(data.preset, k) for k in _PER_DATASET}))
-            model = preset_config(model, data.preset, overrides)
-            result = evaluate(model, data, out_dir=args.out, limit=args.limit, workers=args.workers,
-                              resume=not args.restart, checkpoint_every=args.checkpoint_every,
-                              batch_images=args.batch_images,
-                              save_predictions=args.save_predictions, save_overlays=args.save_overlays,
-                              progress=not args.no_progress, dist=dist, overrides=overrides)
+                first = dataset_settings(args.method, data.preset, protocol=args.protocol)
+                model = build_model(args, config_from_args(args, **{k: first[k] for k in DATASET_SETTINGS}))
+            model = preset_config(model, data.preset, overrides, args.protocol)
+            result = evaluate(model, data, run, dist=dist, overrides=overrides, protocol=args.protocol)
             if dist.rank == 0:
                 m = result["metrics"]
                 print(f"{data.preset.key}: mIoU {_fmt(m['mIoU'])}  aAcc {_fmt(m['aAcc'])}  mAcc {_fmt(m['mAcc'])}  "
@@ -255,7 +256,8 @@ def run_presets(args: argparse.Namespace) -> int:
         for p in PRESETS.values():
             mapping = "reduce zero" if p.reduce_zero_label else p.label_dtype
             ignore = f"{p.ignore_index}" + (f" (published {p.published_ignore_index})" if p.published_ignore_index else "")
-            rows.append((p.key, str(p.num_classes), f"{p.bg_threshold:g}", str(p.short_side), f"{p.window}/{p.stride}",
+            rows.append((p.key, str(p.num_classes), f"{p.setting('bg_threshold'):g}", str(p.setting("short_side")),
+                         f"{p.setting('window')}/{p.setting('stride')}",
                          mapping, ignore, f"{p.image_dir} / {p.label_dir}"))
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         for r in (head, *rows):

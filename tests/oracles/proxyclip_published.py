@@ -40,8 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxyclip.model.clip import clip_normalisation, clip_patch_size
 from proxyclip.model.vfm import TimmViT
+
+
+def clip_patch_size(visual: nn.Module) -> int:
+    return int(visual.conv1.kernel_size[0])
+
+
+def clip_normalisation(visual: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(visual.preprocess_cfg["mean"]), tuple(visual.preprocess_cfg["std"])
 
 
 def _published_pos_interpolation(patch_pos: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -396,11 +403,11 @@ def predict_logits(model: nn.Module, image: torch.Tensor, text: torch.Tensor, ou
         Q x H0 x W0 float32 cosine logits, comparable with ``model.predict_logits(image, text, out_size)``.
     """
     cfg = model.config
-    if cfg.attention != "proxy":
-        raise ValueError(f"the reference transcribes the published proxy attention only, not {cfg.attention!r}")
+    if cfg.method == "proxyclip" and cfg.options.attention != "proxy":
+        raise ValueError(f"the reference transcribes the published proxy attention only, not {cfg.options.attention!r}")
     return forward_slide(
         model.clip_model, model.vfm, image[None].to(model.device), text.to(model.dtype), out_size,
-        method=cfg.method, beta=cfg.beta, gamma=cfg.gamma, stride=cfg.stride, crop_size=cfg.window,
+        method=cfg.method, beta=getattr(cfg.options, "beta", 1.2), gamma=getattr(cfg.options, "gamma", 3.0), stride=cfg.stride, crop_size=cfg.window,
         pad_multiple=cfg.pad_multiple,
     )[0]
 
