@@ -26,7 +26,7 @@ from .bench import add_bench_parser
 from .compare import add_compare_parser
 from .demo import add_demo_parser
 from .eval import add_eval_parsers
-from .options import EXIT_USAGE, EXIT_WRITE
+from .options import EXIT_USAGE, EXIT_WRITE, apply_image_args
 from .reproduce import add_reproduce_parser
 from .segment import add_segment_parser
 
@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             from .. import text_cache
 
+            apply_image_args(args)
             with text_cache.disabled() if no_cache else nullcontext():
                 return args.func(args)
     except OutputError as exc:

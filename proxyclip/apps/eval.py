@@ -25,6 +25,7 @@ from ..evaluation.presets import (
 from ..loading import default_workers
 from .options import (
     EXIT_OK,
+    add_image_args,
     add_inference_args,
     add_model_args,
     build_model,
@@ -84,6 +85,7 @@ def add_eval_parsers(sub) -> None:
     c.add_argument("--ignore-index", type=int, default=255, help="label value left out of scoring (default: %(default)s)")
     c.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignored, the others shift down by one")
     add_model_args(p)
+    add_image_args(p)
     p.add_argument("--protocol", choices=PROTOCOLS, default="method",
                    help="per-dataset settings (background threshold, ...) where a method's published runs differ from "
                         "the dataset preset: 'method' uses the method's own, 'dataset' the preset's (ProxyCLIP's "

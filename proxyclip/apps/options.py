@@ -119,6 +119,32 @@ def add_inference_args(parser: argparse.ArgumentParser, per_dataset: tuple[str, 
                        help=f"{entry['help']} (default: {shown})")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    """Options on reading images (segment, eval, demo); :func:`apply_image_args` applies them."""
+    parser.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                        help="decode images of up to N pixels; larger ones are refused as possible decompression "
+                             "bombs (default: Pillow's limit, 89478485, e.g. 9459 x 9459); raise it for large "
+                             "images you trust, e.g. --max-pixels 200000000")
+
+
+def apply_image_args(args: argparse.Namespace) -> None:
+    """Set the process-wide pixel limit (reaches the loader processes too) if --max-pixels was given."""
+    if getattr(args, "max_pixels", None) is not None:
+        from ..images import set_pixel_limit
+
+        set_pixel_limit(args.max_pixels)
+
+
 def config_from_args(args: argparse.Namespace, **preset):
     """A ProxyCLIPConfig from the parsed options: explicit options over ``preset`` (a partial
     inference config, e.g. a dataset's) over the method's defaults."""

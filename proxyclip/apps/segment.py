@@ -31,6 +31,7 @@ from ..loading import default_workers
 from .options import (
     EXIT_OK,
     EXIT_PARTIAL,
+    add_image_args,
     add_inference_args,
     add_model_args,
     build_model,
@@ -292,6 +293,7 @@ def add_segment_parser(sub) -> None:
                    help="processes that read and resize images while the model runs (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_args(p)
+    add_image_args(p)
     add_inference_args(p)
     p.set_defaults(func=run_segment)
 

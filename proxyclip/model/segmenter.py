@@ -15,7 +15,7 @@ from torch import nn
 
 from ..classes import ClassList, make_class_list
 from ..errors import ProxyCLIPError
-from ..images import ImageInput, load_image, resize_keep_ratio
+from ..images import ImageInput, label_dtype, load_image, resize_keep_ratio
 from ..text_cache import encode_cached
 from . import clip as clip_lib
 from .config import WEIGHT_FIELDS, ProxyCLIPConfig
@@ -33,7 +33,7 @@ Classes = ClassList | Sequence[str | Sequence[str]]
 class Segmentation:
     """The result for one image, at the image's own size."""
 
-    labels: np.ndarray  # H x W int64 class indices
+    labels: np.ndarray  # H x W class indices: uint8 up to 256 classes, else int16/int32 (images.label_dtype)
     probs: np.ndarray | None  # C x H x W float32 class probabilities (max over a class's names); None if not asked
     classes: ClassList
 
@@ -63,7 +63,7 @@ class ProxyCLIP(nn.Module):
         # model's device and dtype, so that .to() / .half() after encoding need nothing else)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict() if text_cache is None else text_cache
         self.text_cache_size = 64  # class lists whose embeddings are kept (a server sees many)
-        self.band_elements = 2**26  # at most this many logits resized at once in segment()
+        self.band_elements = 2**22  # at most this many logits resized at once in segment() (each band: ~6 copies)
         self.batch_elements = 2**28  # at most this many window logits per forward pass
 
     @classmethod
@@ -272,7 +272,7 @@ class ProxyCLIP(nn.Module):
         """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule, OpenCV
         INTER_LINEAR as mmcv; normalised with the published constants, :mod:`proxyclip.model.pixels`)."""
         cfg = self.config
-        pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)  # 3 x H x W uint8
+        pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)  # 3 x H x W uint8, not copied
         if cfg.short_side is not None:
             pixels = resize_keep_ratio(pixels, cfg.short_side, cfg.long_side)
         mean_255, std_255 = clip_input_constants(*self.clip.normalisation)
@@ -330,11 +330,12 @@ class ProxyCLIP(nn.Module):
             size: (H, W), e.g. the original image's size.
 
         Returns:
-            H x W int64 labels, and C x H x W float32 probabilities if ``return_probs`` (else None).
+            H x W labels (:func:`~proxyclip.images.label_dtype`: uint8 up to 256 classes), and C x H x W
+            float32 probabilities if ``return_probs`` (else None).
         """
         class_list = make_class_list(classes)
         height, width = size
-        labels = np.empty((height, width), dtype=np.int64)
+        labels = np.empty((height, width), dtype=label_dtype(len(class_list)))  # uint8 up to 256 classes
         probs = np.empty((len(class_list), height, width), dtype=np.float32) if return_probs else None
         rows = max(1, self.band_elements // max(1, logits.shape[0] * width))
         for top in range(0, height, rows):
