@@ -5,7 +5,7 @@
 Exits 0 with a message when no CUDA device is present. Random weights of the real architectures
 (CLIP ViT-B/16, DINO ViT-B/16 and B/8); cost does not depend on the weights' values.
 
-1. ``proxyclip bench`` rows proxyclip-dino-b16, proxyclip-dino-b8 (336 x 336 windows, batch 1 and
+1. ``proxyclip bench`` rows proxyclip:dino_vitb16, proxyclip:dino_vitb8 (336 x 336 windows, batch 1 and
    the best of --batches) and whole-image, in fp16 and in bf16: windows/s, latency, peak memory
    (``max_memory_allocated``), FLOPs, and achieved FLOP/s as a fraction of an 8192^3 matmul in the
    same dtype measured in the same run. Table 5 (RTX 3090, fp16, batch 1): DINO-B/16 52.9 images/s,
@@ -43,7 +43,7 @@ def bench_rows(precision: str, args: argparse.Namespace) -> dict:
     add_bench_parser(parser.add_subparsers(dest="command"))
     bench_args = parser.parse_args([
         "bench", "--device", "cuda", "--precision", precision, "--random-weights",
-        "--rows", "proxyclip-dino-b16,proxyclip-dino-b8,whole-image", "--batches", args.batches,
+        "--rows", "proxyclip:dino_vitb16,proxyclip:dino_vitb8,whole-image", "--batches", args.batches,
         "--warmup", str(args.warmup), "--iters", str(args.iters), "--matmul-size", "8192",
     ])
     return run_bench(bench_args)

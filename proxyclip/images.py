@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .errors import ImageError
+from .errors import ImageError, OutputError
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
@@ -77,8 +77,11 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.dtype != np.uint8:
         if arr.dtype == np.uint16:
             arr = (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
-        elif np.issubdtype(arr.dtype, np.floating) and arr.size and np.nanmax(arr) <= 1.0:
-            arr = np.clip(np.nan_to_num(arr) * 255, 0, 255).round().astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
+            arr = (arr * 255).round().astype(np.uint8)  # float images in [0, 1]
+        elif np.issubdtype(arr.dtype, np.floating):
+            raise ImageError(f"a float image array must hold finite values in [0, 1]; got values in "
+                             f"[{np.nanmin(arr):g}, {np.nanmax(arr):g}]: scale it to [0, 1] or pass uint8 (0-255)")
         else:
             raise ImageError(f"image arrays must be uint8 (or uint16, or float in [0, 1]); got {arr.dtype}")
     if arr.shape[2] == 1:
@@ -176,11 +179,16 @@ def _umask() -> int:
 def write_atomically(outputs: dict[Path, object]) -> None:
     """Write several files so that either all appear or none does.
 
-    ``outputs`` maps a path to a PIL image (saved as PNG), a numpy array (saved as .npy) or a
-    string (saved as UTF-8 text). Missing folders are created; each file is written to a
-    temporary file beside it and flushed to disk, then all are renamed.
+    ``outputs`` maps a path to a PIL image (saved as PNG), a numpy array (saved as .npy), a
+    string (saved as UTF-8 text) or bytes. Missing folders are created; each file is written to a
+    temporary file beside it and flushed to disk, then all are renamed. The temporary files are
+    removed whatever happens (an error, Ctrl-C, or SIGTERM / SIGHUP under the command line).
+
+    Raises:
+        OutputError: a file cannot be written (disk full, no permission, ...), naming it and its folder.
     """
     temps: list[tuple[Path, Path]] = []
+    path = Path()
     try:
         for path, obj in outputs.items():
             path = Path(path)
@@ -192,6 +200,8 @@ def write_atomically(outputs: dict[Path, object]) -> None:
                     obj.save(fh, format="PNG")
                 elif isinstance(obj, str):
                     fh.write(obj.encode("utf-8"))
+                elif isinstance(obj, bytes):
+                    fh.write(obj)
                 else:
                     np.save(fh, obj, allow_pickle=False)
                 fh.flush()
@@ -200,6 +210,8 @@ def write_atomically(outputs: dict[Path, object]) -> None:
         for tmp, path in temps:
             os.chmod(tmp, mode)
             os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path.name} in {path.parent}: {exc.strerror or exc}") from exc
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)

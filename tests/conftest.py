@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network in tests; before the imports below
+os.environ.setdefault("PROXYCLIP_CACHE", "off")  # no text embeddings from earlier runs (tests of the cache set a folder)
 
 import warnings
 from pathlib import Path
@@ -44,9 +45,9 @@ def tiny_model(vfm=None, **config) -> ProxyCLIP:
     config.setdefault("window", 112)
     config.setdefault("stride", 56)
     config.setdefault("short_side", None)
-    config = ProxyCLIPConfig(clip=TINY_CLIP, clip_pretrained="", **config)
+    config = ProxyCLIPConfig.create(clip=TINY_CLIP, clip_pretrained="", **config)
     clip_model, tokenizer = tiny_clip()
-    if vfm is None and config.method == "proxyclip":
+    if vfm is None and config.needs_vfm:
         vfm = tiny_dino()
     return ProxyCLIP(clip_model, tokenizer, vfm, config)
 

@@ -10,7 +10,7 @@ import timm
 import torch
 from conftest import TINY_CLIP
 
-from proxyclip.apps.bench import ROWS, count_flops, write_json_atomically
+from proxyclip.apps.bench import count_flops, default_rows, write_json_atomically
 from proxyclip.apps.cli import main
 
 
@@ -27,7 +27,8 @@ def bench_json(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_bench_json_fields_and_sane_values(bench_json: dict) -> None:
     meta, rows = bench_json["meta"], {r["row"]: r for r in bench_json["rows"]}
-    assert list(rows) == list(ROWS)
+    assert list(rows) == list(default_rows("dino_vitb8"))
+    assert {"clip", "maskclip", "proxyclip:dino_vitb16", "proxyclip:dino_vitb8", "whole-image"} <= set(rows)
     assert meta["random_weights"] and meta["window"] == 56 and meta["precision"] == "fp32"
     assert bench_json["matmul"]["tflops"] > 0
     for r in rows.values():
@@ -35,18 +36,18 @@ def test_bench_json_fields_and_sane_values(bench_json: dict) -> None:
         assert r["batch1"]["per_s"] > 0 and r["batch1"]["latency_ms"] > 0
         assert r["batch1"]["peak_mib"] > 0 and r["batch1"]["extra_mib"] > -1
         assert r["achieved_tflops"] > 0 and r["fraction_of_matmul"] > 0
-    for name in ("clip", "maskclip", "proxyclip-dino-b16", "proxyclip-dino-b8"):
+    for name in ("clip", "maskclip", "proxyclip:dino_vitb16", "proxyclip:dino_vitb8"):
         assert [b["batch"] for b in rows[name]["per_batch"]] == [1, 2]
     assert rows["clip"]["params_vfm_m"] == rows["maskclip"]["params_vfm_m"] == 0
-    assert 85 < rows["proxyclip-dino-b16"]["params_vfm_m"] < 87  # DINO ViT-B: 85.8 M
+    assert 85 < rows["proxyclip:dino_vitb16"]["params_vfm_m"] < 87  # DINO ViT-B: 85.8 M
     # Cost ordering of Table 5: MaskCLIP < CLIP < ProxyCLIP DINO-B/16 < DINO-B/8.
     assert rows["maskclip"]["flops"] < rows["clip"]["flops"]
-    assert rows["clip"]["flops"] < rows["proxyclip-dino-b16"]["flops"] < rows["proxyclip-dino-b8"]["flops"]
+    assert rows["clip"]["flops"] < rows["proxyclip:dino_vitb16"]["flops"] < rows["proxyclip:dino_vitb8"]["flops"]
 
 
 def test_bench_whole_image_row(bench_json: dict) -> None:
     rows = {r["row"]: r for r in bench_json["rows"]}
-    whole, window = rows["whole-image"], rows["proxyclip-dino-b8"]
+    whole, window = rows["whole-image"], rows["proxyclip:dino_vitb8"]
     assert whole["unit"] == "images" and whole["image_hw"] == [375, 500]
     height, width = whole["resized_hw"]
     assert height == 56 and 74 <= width <= 75  # short side to the window, as the protocol does

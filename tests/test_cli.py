@@ -31,7 +31,7 @@ def test_segment_writes_labels_overlay_and_probs(images, tmp_path, capsys):
                  "--out", str(out), "--save-probs", *TINY])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy"]
+        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy", "manifest-rank0.jsonl"]
     labels = np.asarray(Image.open(out / "a.png"))
     assert labels.shape == (60, 80) and labels.max() < 3
     probs = np.load(out / "a_probs.npy")
@@ -47,7 +47,7 @@ def test_one_bad_image_does_not_stop_the_others(images, tmp_path, capsys):
     code = main(["segment", str(images / "broken.jpg"), str(images / "a.jpg"), str(images / "nope.png"),
                  "--classes", "a, b", "--out", str(out), *TINY])
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "manifest-rank0.jsonl"]
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "nope.png: no such file" in err
     assert "Traceback" not in err
@@ -90,9 +90,10 @@ def test_missing_weights_say_how_to_supply_them(images, tmp_path, capsys):
     code = main(["segment", str(images / "a.jpg"), "--classes", "a, b", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "CLIP weights ViT-B-16 / openai could not be loaded" in err[0] and "--clip-weights" in err[0]
-    assert "HF_HUB_OFFLINE" in err[0]
+    assert len(err) == 4 and err[0].startswith("proxyclip: error: 2 weight files missing")  # one message, both named
+    assert "CLIP ViT-B-16 (openai)" in err[1] and "--clip-weights FILE" in err[1]
+    assert "VFM dino_vitb8" in err[2] and "--vfm-weights FILE" in err[2]
+    assert "HF_HUB_OFFLINE=1" in err[3]
     assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
@@ -121,7 +122,7 @@ def test_local_clip_weights_are_loaded(images, tmp_path):
                  str(path), "--method", "maskclip", "--window", "112", "--stride", "56", "--short-side", "112",
                  "--save-probs", "--out", str(out)]) == 0
     config = ProxyCLIPConfig(clip=TINY_CLIP, method="maskclip", window=112, stride=56, short_side=112)
-    expected = ProxyCLIP(model, tiny_clip()[1], None, config).segment(images / "a.jpg", ["sky", "dog"])
+    expected = ProxyCLIP(model, tiny_clip()[1], None, config).segment(images / "a.jpg", ["sky", "dog"], return_probs=True)
     np.testing.assert_allclose(np.load(out / "a_probs.npy"), expected.probs, atol=1e-5)
 
 
@@ -136,7 +137,7 @@ def test_pickled_code_in_a_checkpoint_is_never_executed(images, tmp_path, capsys
     with open(path, "wb") as fh:
         pickle.dump({"state_dict": Evil()}, fh, protocol=2)
     code = main(["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(tmp_path / "o"),
-                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--vfm", "dino_vits16"])
+                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--method", "maskclip"])
     assert code == 2
     assert not marker.exists()
     assert "could not be loaded" in capsys.readouterr().err
@@ -183,7 +184,7 @@ def test_help(command, capsys):
 def test_folder_input(images, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(images), "--classes", "a, b", "--out", str(out), "--no-overlay", *TINY]) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # broken.jpg reported, others written
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]  # broken.jpg reported, others written
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["segment", str(empty), "--classes", "a", "--out", str(out), *TINY]) == 2

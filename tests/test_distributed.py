@@ -10,8 +10,8 @@ from pathlib import Path
 
 from test_datasets import make_dataset
 
+from proxyclip.evaluation.distributed import DistInfo, init_distributed
 from proxyclip.evaluation.presets import PRESETS
-from proxyclip.evaluation.runner import DistInfo, init_distributed
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

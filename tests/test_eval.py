@@ -19,7 +19,8 @@ from proxyclip.apps.cli import main
 from proxyclip.evaluation.datasets import DatasetError, SegmentationDataset
 from proxyclip.evaluation.metrics import intersect_and_union, summarize
 from proxyclip.evaluation.presets import PRESETS
-from proxyclip.evaluation.runner import collect_results, evaluate, preset_config, table1
+from proxyclip.evaluation.report import collect_results, table1
+from proxyclip.evaluation.runner import RunOptions, evaluate, preset_config
 
 FAST = {"window": 112, "stride": 56, "short_side": 64}  # resizing still happens (40 x 60 -> 64 x 96)
 CLI_TINY = ["--clip", TINY_CLIP, "--vfm", "dino_vits16", "--random-weights", "--window", "112", "--stride", "56",
@@ -54,13 +55,13 @@ def test_evaluation_is_segment_then_metric(voc, reference):
 
 
 def test_preset_long_side_reaches_the_model_unless_overridden(voc):
-    preset = replace(voc.preset, long_side=500)
+    preset = replace(voc.preset, settings={**voc.preset.settings, "long_side": 500})
     assert preset_config(tiny_model(), preset, FAST).config.long_side == 500
     assert preset_config(tiny_model(), preset, {**FAST, "long_side": 700}).config.long_side == 700
 
 
 def test_background_workers_and_row_bands_give_the_same_numbers(voc, reference):
-    result = evaluate(preset_config(tiny_model(), voc.preset, FAST), voc, workers=2)
+    result = evaluate(preset_config(tiny_model(), voc.preset, FAST), voc, RunOptions(workers=2))
     assert result["areas"] == reference["areas"]
     model = preset_config(tiny_model(), voc.preset, FAST)
     model.band_elements = 21 * 26 * 60 * 3  # resize and classify a few rows at a time
@@ -69,7 +70,7 @@ def test_background_workers_and_row_bands_give_the_same_numbers(voc, reference):
 
 def test_windows_of_several_images_batched_give_the_same_numbers(voc, reference):
     model = preset_config(tiny_model(), voc.preset, FAST).with_config(window_batch=5)
-    assert evaluate(model, voc, batch_images=4)["areas"] == reference["areas"]
+    assert evaluate(model, voc, RunOptions(batch_images=4))["areas"] == reference["areas"]
 
 
 def _killed_run(root: str, out: str, kill_after: int) -> None:
@@ -80,7 +81,7 @@ def _killed_run(root: str, out: str, kill_after: int) -> None:
         if count == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    evaluate(preset_config(tiny_model(), data.preset, FAST), data, out_dir=out, checkpoint_every=2, on_image=kill)
+    evaluate(preset_config(tiny_model(), data.preset, FAST), data, RunOptions(out_dir=out, checkpoint_every=2), on_image=kill)
 
 
 def test_resume_after_a_kill_gives_identical_numbers(voc, reference, tmp_path):
@@ -93,14 +94,13 @@ def test_resume_after_a_kill_gives_identical_numbers(voc, reference, tmp_path):
     assert len(json.loads(state.read_text())["done"]) == 2  # the checkpoint before the kill
     assert not list(out.glob("voc21-*.json"))  # no result yet, and never a partial one
     seen = []
-    result = evaluate(preset_config(tiny_model(), voc.preset, FAST), voc, out_dir=out, checkpoint_every=2,
-                      on_image=seen.append)
+    result = evaluate(preset_config(tiny_model(), voc.preset, FAST), voc, RunOptions(out_dir=out, checkpoint_every=2), on_image=seen.append)
     assert len(seen) == 4  # only the images not saved before
     assert result["areas"] == reference["areas"] and result["metrics"] == reference["metrics"]
     [written] = out.glob("voc21-*.json")
     assert json.loads(written.read_text())["areas"] == reference["areas"]
     again = []
-    evaluate(preset_config(tiny_model(), voc.preset, FAST), voc, out_dir=out, on_image=again.append)
+    evaluate(preset_config(tiny_model(), voc.preset, FAST), voc, RunOptions(out_dir=out), on_image=again.append)
     assert again == []  # a finished run is not redone
 
 
@@ -111,24 +111,24 @@ def test_stop_saves_progress_and_other_settings_do_not_mix(voc, reference, tmp_p
 
     model = preset_config(tiny_model(), voc.preset, FAST)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(model, voc, out_dir=tmp_path, checkpoint_every=100, on_image=stop)
+        evaluate(model, voc, RunOptions(out_dir=tmp_path, checkpoint_every=100), on_image=stop)
     [state] = (tmp_path / ".state").glob("*.json")
     assert len(json.loads(state.read_text())["done"]) == 3  # saved on the way out
     seen = []
     other = model.with_config(bg_threshold=0.5)
-    evaluate(other, voc, out_dir=tmp_path, on_image=seen.append)
+    evaluate(other, voc, RunOptions(out_dir=tmp_path), on_image=seen.append)
     assert len(seen) == 6 and len(list((tmp_path / ".state").glob("*.json"))) == 2
     seen.clear()
-    result = evaluate(model, voc, out_dir=tmp_path, on_image=seen.append)
+    result = evaluate(model, voc, RunOptions(out_dir=tmp_path), on_image=seen.append)
     assert len(seen) == 3 and result["areas"] == reference["areas"]
     seen.clear()
-    evaluate(model, voc, out_dir=tmp_path, resume=False, on_image=seen.append)
+    evaluate(model, voc, RunOptions(out_dir=tmp_path, resume=False), on_image=seen.append)
     assert len(seen) == 6
 
 
 def test_limit_predictions_and_overlays(voc, tmp_path):
     model = preset_config(tiny_model(), voc.preset, FAST)
-    result = evaluate(model, voc, out_dir=tmp_path, limit=2, save_predictions=True, save_overlays=True)
+    result = evaluate(model, voc, RunOptions(out_dir=tmp_path, limit=2, save_predictions=True, save_overlays=True))
     assert result["num_images"] == 2 and not result["complete"]
     preds = sorted((tmp_path / "predictions" / "voc21").iterdir())
     assert [p.stem for p in preds] == [s.id for s in voc.samples[:2]]
@@ -148,11 +148,11 @@ def test_unreadable_image_and_size_mismatch(tmp_path):
     data.samples[1].image.write_bytes(b"\xff\xd8\xff not a jpeg")
     model = preset_config(tiny_model(), preset, FAST)
     with pytest.raises(DatasetError, match=r"2008_000001.jpg: cannot read the image"):
-        evaluate(model, data, out_dir=tmp_path / "out")
+        evaluate(model, data, RunOptions(out_dir=tmp_path / "out"))
     assert len(json.loads(next((tmp_path / "out" / ".state").glob("*.json")).read_text())["done"]) == 1
     Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(data.samples[1].image)
     with pytest.raises(DatasetError, match=r"label size .* differs from image"):
-        evaluate(model, data, out_dir=tmp_path / "out")
+        evaluate(model, data, RunOptions(out_dir=tmp_path / "out"))
 
 
 def test_ade847_correct_and_published_ignore(tmp_path):
@@ -220,7 +220,7 @@ def test_eval_command_several_datasets_gives_table1(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["eval", "--dataset", "all", "--roots-file", str(roots), "--out", str(out), *CLI_TINY]) == 0
     table = (out / "table1.md").read_text()
-    assert table.splitlines()[2].startswith(f"| {TINY_CLIP} (openai) + dino_vits16 [")
+    assert table.splitlines()[2].startswith(f"| {TINY_CLIP} (openai) ProxyCLIP + dino_vits16 [")
     assert table in capsys.readouterr().out
     city_result = json.loads(next(out.glob("cityscapes-*.json")).read_text())
     assert city_result["config"]["short_side"] == 64 and city_result["num_images"] == 2
@@ -244,7 +244,7 @@ def test_eval_command_custom_dataset_and_preset_file(tmp_path):
     custom = json.loads(next(out.glob("custom-*.json")).read_text())
     assert custom["num_images"] == 2 and len(custom["metrics"]["per_class"]) == 21
     assert custom["metrics"]["per_class"][20]["class"] == "class 20"
-    preset = dict(json.loads(json.dumps(PRESETS["voc20"].__dict__)), key="mine", bg_threshold=0.1)
+    preset = dict(json.loads(json.dumps(PRESETS["voc20"].__dict__)), key="mine", settings={"bg_threshold": 0.1})
     preset_file = tmp_path / "mine.json"
     preset_file.write_text(json.dumps(preset))
     assert main(["eval", "--dataset", str(preset_file), "--root", str(root), "--out", str(out), *CLI_TINY]) == 0

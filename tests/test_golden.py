@@ -26,13 +26,13 @@ def _model(kind: str) -> ProxyCLIP:
     clip_model, tokenizer = load_clip(originals.GOLDEN_CLIP, None, weights=str(GOLDEN / "clip.safetensors"))
     vfm = originals.load_vfm(kind, GOLDEN / SETTINGS["files"][kind], **SETTINGS["timm_overrides"][kind])
     keys = ("window", "stride", "short_side", "long_side", "beta", "gamma", "logit_scale", "bg_threshold")
-    config = ProxyCLIPConfig(clip=originals.GOLDEN_CLIP, clip_pretrained="", **{k: SETTINGS[k] for k in keys})
+    config = ProxyCLIPConfig.create(clip=originals.GOLDEN_CLIP, clip_pretrained="", **{k: SETTINGS[k] for k in keys})
     return ProxyCLIP(clip_model, tokenizer, vfm, config)
 
 
 @pytest.mark.parametrize("kind", ["dino", "dinov2", "sam", "mae"])
 def test_segment_gives_the_golden_probabilities(kind: str) -> None:
-    result = _model(kind).segment(GOLDEN / "image.png", SETTINGS["classes"])
+    result = _model(kind).segment(GOLDEN / "image.png", SETTINGS["classes"], return_probs=True)
     expected = EXPECTED[f"{kind}_probs"]
     assert result.probs.shape == expected.shape == (3, 32, 45)
     assert np.abs(result.probs - expected).max() < 1e-5

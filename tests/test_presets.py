@@ -43,9 +43,9 @@ COCO_BACKGROUND = ("sky, wall, tree, wood, grass, road, sea, river, mountain, sa
 def test_preset_matches_protocol(key):
     p = PRESETS[key]
     classes, threshold, short, window, stride, reduce = PROTOCOL[key]
-    assert (p.num_classes, p.bg_threshold, p.short_side, p.window, p.stride, p.reduce_zero_label) == (
-        classes, threshold, short, window, stride, reduce)
-    assert p.long_side == 2048
+    assert (p.num_classes, p.setting("bg_threshold"), p.setting("short_side"), p.setting("window"), p.setting("stride"),
+            p.reduce_zero_label) == (classes, threshold, short, window, stride, reduce)
+    assert p.setting("long_side") == 2048
     assert len(p.class_list()) == classes
     assert p.ignore(published=True) == 255  # every published run ignored 255
 
@@ -85,9 +85,9 @@ def test_json_round_trip_and_user_presets(tmp_path):
     (tmp_path / "mine.txt").write_text("sky\ncat; kitten\n")
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"key": "mine", "classes_file": "mine.txt", "num_classes": 2,
-                                "image_dir": "img", "label_dir": "lab", "bg_threshold": 0.3}))
+                                "image_dir": "img", "label_dir": "lab", "settings": {"bg_threshold": 0.3}}))
     mine = load_preset(path)
-    assert mine.title == "mine" and mine.short_side == 336 and mine.class_list().names == (("sky",), ("cat", "kitten"))
+    assert mine.title == "mine" and mine.setting("short_side") == 336 and mine.setting("bg_threshold") == 0.3 and mine.class_list().names == (("sky",), ("cat", "kitten"))
 
 
 def test_bad_presets(tmp_path):
@@ -128,7 +128,7 @@ def test_presets_command(capsys):
     out = capsys.readouterr().out
     assert all(key in out for key in PRESETS) and "65535 (published 255)" in out
     assert main(["presets", "cityscapes"]) == 0
-    assert json.loads(capsys.readouterr().out)["window"] == 224
+    assert json.loads(capsys.readouterr().out)["settings"]["window"] == 224
     assert main(["presets", "voc20", "--classes"]) == 0
     assert capsys.readouterr().out.splitlines()[3] == "ship"
     assert main(["presets", "nope"]) == 2

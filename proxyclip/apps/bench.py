@@ -2,12 +2,11 @@
 
 Rows (all on CLIP ``--clip``, default ViT-B/16, one ``--window`` x ``--window`` window each):
 
-    clip                 vanilla CLIP (the full last block on patch tokens)
-    maskclip             MaskCLIP (values of the last block, no attention)
-    proxyclip-dino-b16   ProxyCLIP with DINO ViT-B/16
-    proxyclip-dino-b8    ProxyCLIP with DINO ViT-B/8
+    METHOD               every method of the registry (:data:`proxyclip.model.methods.METHODS`),
+                         e.g. clip, maskclip; methods with a VFM run on ``--vfm`` (METHOD:VFM)
+    proxyclip:dino_vitb16  Table 5's second ProxyCLIP row (DINO ViT-B/16 beside --vfm's B/8)
     whole-image          a 500 x 375 image through ``segment``'s path: preprocess + predict_logits,
-                         all its sliding windows (VFM ``--vfm``)
+                         all its sliding windows (ProxyCLIP on ``--vfm``)
 
 What is measured, per row:
 
@@ -15,7 +14,7 @@ What is measured, per row:
 - FLOPs per window (per image for whole-image), counted with ``torch.utils.flop_counter``
   (2 FLOPs per multiply-accumulate; Table 5 counts multiply-accumulates, so its "FLOPs" compare
   with our ``gmacs``). PyTorch has no formula for the fused attention kernels that CPU inference
-  and ``nn.MultiheadAttention``'s fast path run; :data:`EXTRA_FLOP_FORMULAS` adds them;
+  and ``nn.MultiheadAttention``'s fast path run; :func:`extra_flop_formulas` adds them;
 - windows (images) per second at batch 1 and at the best batch of ``--batches``, and latency:
   the median over ``--iters`` timed calls after ``--warmup`` calls, the device synchronised;
 - peak memory of one call, after one untimed call: CUDA ``max_memory_allocated`` (``peak_mib``,
@@ -30,6 +29,8 @@ What is measured, per row:
 
 Text embeddings are random unit vectors (``--queries`` of them; their values do not change the
 cost), made, like the models, outside the timed region.
+
+torch is imported inside the functions, so that building the command line stays light.
 """
 
 from __future__ import annotations
@@ -44,14 +45,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from typing import TYPE_CHECKING
 
 from ..errors import ProxyCLIPError
 
-ROWS = ("clip", "maskclip", "proxyclip-dino-b16", "proxyclip-dino-b8", "whole-image")
+if TYPE_CHECKING:
+    import torch
+
+WHOLE_IMAGE_ROW = "whole-image"
+TABLE5_EXTRA_ROWS = ("proxyclip:dino_vitb16",)  # Table 5 also has ProxyCLIP with DINO B/16 (besides --vfm's B/8)
+
+
+def default_rows(vfm: str) -> tuple[str, ...]:
+    """Every registered method (those with a VFM on ``vfm``), Table 5's extra rows, the whole image."""
+    from ..model.methods import METHODS
+
+    rows = [f"{name}:{vfm}" if spec.needs_vfm else name for name, spec in METHODS.items()]
+    return (*rows, *(r for r in TABLE5_EXTRA_ROWS if r not in rows), WHOLE_IMAGE_ROW)
+
+
 WHOLE_IMAGE = (375, 500)  # H x W: a typical PASCAL VOC photo (500 x 375)
 MIB = 1 << 20
 
@@ -59,8 +71,8 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class Row:
     name: str
-    method: str  # ProxyCLIPConfig.method
-    vfm: str | None  # VFM_BUILDERS key, for method "proxyclip"
+    method: str  # a key of METHODS
+    vfm: str | None  # a key of VFM_BUILDERS, for the methods that use one
     whole_image: bool = False  # one whole image (all its windows) instead of a batch of windows
 
 
@@ -68,6 +80,8 @@ class Row:
 
 def _fused_sdpa_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args, out_shape=None, **kwargs) -> int:
     """``aten._scaled_dot_product_flash_attention_for_cpu``: q, k, v are B x heads x L x d."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query, key, value)
 
 
@@ -86,15 +100,21 @@ def _native_mha_flops(
     return projections + attention
 
 
-EXTRA_FLOP_FORMULAS: dict = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_sdpa_flops,
-    torch.ops.aten._native_multi_head_attention: _native_mha_flops,
-}
+def extra_flop_formulas() -> dict:
+    """FLOP formulas for the fused attention ops that ``torch.utils.flop_counter`` does not know."""
+    import torch
+
+    return {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_sdpa_flops,
+        torch.ops.aten._native_multi_head_attention: _native_mha_flops,
+    }
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs (2 per multiply-accumulate) of the matmul-like ops ``fn`` runs (it runs once)."""
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -103,6 +123,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -134,6 +156,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
     """Peak memory of one call of ``fn``: absolute and above the level before the call (MiB)."""
     fn()  # once first: one-time allocations (kernel caches, library workspaces) are not the call's
     if device.type == "cuda":
+        import torch
+
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -160,6 +184,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
 
 def matmul_throughput(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 2, iters: int = 5) -> float:
     """FLOP/s of an n x n by n x n matmul in ``dtype`` on ``device`` (the machine's practical peak)."""
+    import torch
+
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = time_calls(lambda: torch.mm(a, b), device, warmup, iters)
@@ -176,12 +202,12 @@ class ModelPool:
     """CLIP built once, each VFM once; a ProxyCLIP per row shares them."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-        from ..model.clip import default_pretrained
-        from ..model.segmenter import ProxyCLIP, ProxyCLIPConfig
+        from ..model.config import ProxyCLIPConfig
+        from ..model.segmenter import ProxyCLIP
 
         self.args, self.device, self.dtype = args, device, dtype
-        self.base = ProxyCLIPConfig(
-            clip=args.clip, clip_pretrained=default_pretrained(args.clip, args.clip_pretrained), method="clip", window=args.window,
+        self.base = ProxyCLIPConfig.create(
+            clip=args.clip, clip_pretrained=args.clip_pretrained, method="clip", window=args.window,
             stride=min(args.stride, args.window), short_side=args.window,
         )
         self.clip = ProxyCLIP.build(
@@ -196,30 +222,43 @@ class ModelPool:
         from ..model.vfm import VFM_BUILDERS
 
         vfm = None
-        if row.method == "proxyclip":
+        if row.vfm is not None:
             if row.vfm not in self.vfms:
                 built = VFM_BUILDERS[row.vfm](random_weights=self.args.random_weights)
                 self.vfms[row.vfm] = built.to(self.device, self.dtype)
             vfm = self.vfms[row.vfm]
-        config = replace(self.base, method=row.method, vfm=row.vfm or self.base.vfm)
+        config = replace(self.base.updated(method=row.method), vfm=row.vfm or self.base.vfm)
         return ProxyCLIP(self.clip.clip_model, self.clip.tokenizer, vfm, config).to(self.device)
 
 
 # ---- the benchmark -------------------------------------------------------------------------------
 
+def parse_row(name: str, vfm: str) -> Row:
+    """A row from its name: ``METHOD``, ``METHOD:VFM`` or ``whole-image`` (ProxyCLIP with ``vfm``)."""
+    from ..model.methods import METHODS
+    from ..model.vfm import VFM_BUILDERS
+
+    if name == WHOLE_IMAGE_ROW:
+        return Row(name, "proxyclip", vfm, whole_image=True)
+    method, _, row_vfm = name.partition(":")
+    if method not in METHODS:
+        raise ProxyCLIPError(f"unknown method {method!r} in row {name!r}; rows are METHOD, METHOD:VFM or "
+                             f"{WHOLE_IMAGE_ROW}, methods: {', '.join(METHODS)}")
+    if not METHODS[method].needs_vfm:
+        if row_vfm:
+            raise ProxyCLIPError(f"row {name!r}: method {method!r} uses no VFM; write {method}")
+        return Row(name, method, None)
+    row_vfm = row_vfm or vfm
+    if row_vfm not in VFM_BUILDERS:
+        raise ProxyCLIPError(f"row {name!r}: unknown VFM {row_vfm!r}; choose one of {', '.join(VFM_BUILDERS)}")
+    return Row(f"{method}:{row_vfm}", method, row_vfm)
+
+
 def _rows(args: argparse.Namespace) -> list[Row]:
-    all_rows = {
-        "clip": Row("clip", "clip", None),
-        "maskclip": Row("maskclip", "maskclip", None),
-        "proxyclip-dino-b16": Row("proxyclip-dino-b16", "proxyclip", "dino_vitb16"),
-        "proxyclip-dino-b8": Row("proxyclip-dino-b8", "proxyclip", "dino_vitb8"),
-        "whole-image": Row("whole-image", "proxyclip", args.vfm, whole_image=True),
-    }
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in all_rows]
-    if unknown or not names:
-        raise ProxyCLIPError(f"unknown row(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ROWS)}")
-    return [all_rows[n] for n in names]
+    names = [n.strip() for n in args.rows.split(",") if n.strip()] if args.rows else list(default_rows(args.vfm))
+    if not names:
+        raise ProxyCLIPError(f"--rows names no row; e.g. {','.join(default_rows(args.vfm))}")
+    return [parse_row(n, args.vfm) for n in names]
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -237,6 +276,7 @@ def measure_row(
 ) -> tuple[dict, dict[int, Callable[[], None]]]:
     """Parameters, FLOPs and peak memory of one row, and its calls per batch for :func:`time_row`."""
     import numpy as np
+    import torch
 
     from ..images import rescaled_size
     from ..model.sliding import window_boxes
@@ -294,6 +334,9 @@ def time_row(out: dict, calls: dict[int, Callable[[], None]], device: torch.devi
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     from .options import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -334,6 +377,8 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(device)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -397,25 +442,28 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     """Register ``proxyclip bench`` on the CLI's sub-parsers."""
-    from ..model.vfm import VFM_BUILDERS
-    from .options import PRECISIONS
+    from ..model.config import ProxyCLIPConfig
+    from .options import PRECISIONS, vfm_key
 
     p = sub.add_parser(
         "bench",
-        help="parameters, FLOPs, speed and memory of the rows of Table 5",
-        description="Benchmark CLIP, MaskCLIP and ProxyCLIP (DINO-B/16, DINO-B/8) on one window, and a "
-                    "whole 500x375 image through segment's path. Prints a table; --out saves every number as "
+        help="parameters, FLOPs, speed and memory of every method (the rows of Table 5)",
+        description="Benchmark every method on one window (Table 5: CLIP, MaskCLIP, ProxyCLIP with DINO-B/16 and "
+                    "B/8, ...), and a whole 500x375 image through segment's path. Prints a table; --out saves every number as "
                     "JSON. Offline (no downloadable weights) pass --random-weights: cost does not depend on "
                     "the weights' values.",
     )
-    p.add_argument("--rows", default=",".join(ROWS), metavar="LIST",
-                   help=f"comma-separated rows to run (default: all: {','.join(ROWS)})")
+    p.add_argument("--rows", default=None, metavar="LIST",
+                   help="comma-separated rows: METHOD (a VFM method on --vfm), METHOD:VFM, or whole-image "
+                        f"(default: every method, then Table 5's extra rows and the whole image: "
+                        f"{','.join(default_rows(ProxyCLIPConfig().vfm))})")
     p.add_argument("--batches", default="1,2,4,8,16", metavar="LIST",
                    help="window batch sizes to time; 1 is always included (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default: %(default)s)")
     p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported (default: %(default)s)")
-    p.add_argument("--window", type=int, default=336, help="window size in pixels (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=112, help="sliding-window stride of the whole-image row (default: %(default)s)")
+    p.add_argument("--window", type=int, default=ProxyCLIPConfig().window, help="window size in pixels (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=ProxyCLIPConfig().stride,
+                   help="sliding-window stride of the whole-image row (default: %(default)s)")
     p.add_argument("--queries", type=int, default=21, help="number of text queries (default: %(default)s, VOC21)")
     p.add_argument("--matmul-size", type=int, default=4096,
                    help="n of the n x n matmul giving the device's practical peak FLOP/s (default: %(default)s)")
@@ -428,8 +476,8 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--clip-pretrained", default=None, metavar="TAG",
                    help="open_clip pretrained tag (default: the paper's for --clip, e.g. openai)")
     g.add_argument("--clip-weights", default=None, metavar="FILE", help="local CLIP checkpoint instead of the hub")
-    g.add_argument("--vfm", default="dino_vitb8", choices=sorted(VFM_BUILDERS),
-                   help="VFM of the whole-image row (default: %(default)s)")
+    g.add_argument("--vfm", default=ProxyCLIPConfig().vfm, type=vfm_key, metavar="NAME",
+                   help="VFM of the rows that name none, and of the whole-image row (default: %(default)s)")
     g.add_argument("--random-weights", action="store_true",
                    help="RANDOM weights of the real architectures; required offline (the hub cannot be reached), "
                         "and harmless here: speed, memory and FLOPs do not depend on the weights' values")

@@ -25,15 +25,17 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..classes import ClassList, parse_classes
 from ..errors import ClassNamesError, ImageError, ProxyCLIPError
+from ..model.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,7 @@ VOCABULARIES = {
 }
 CUSTOM = "Custom"
 
-METHODS = {"proxyclip": "ProxyCLIP", "maskclip": "MaskCLIP", "clip": "vanilla CLIP"}
-COMPARE_ORDER = ("clip", "maskclip", "proxyclip")
+PAGE_METHODS_FIRST = ("clip", "maskclip", "proxyclip")  # the baselines, then the method, then the registry's others
 MASK_OPACITY = 0.6  # of the class colours over the image in the page
 
 # (image file in data/examples, classes) shown under the inputs.
@@ -104,7 +105,7 @@ def vocabulary(label: str) -> tuple[ClassList, tuple[str, ...], float]:
         raise DemoInputError(f"unknown vocabulary {label!r}; choose one of {', '.join(VOCABULARIES)}")
     preset = get_preset(VOCABULARIES[label])
     classes = preset.class_list()
-    return classes, preset.display_names(classes), preset.bg_threshold
+    return classes, preset.display_names(classes), preset.setting("bg_threshold")
 
 
 def format_classes(classes: ClassList) -> str:
@@ -161,6 +162,31 @@ def read_upload(path: str | os.PathLike, limits: DemoLimits) -> tuple[np.ndarray
     return pixels, (width, height)
 
 
+def method_titles() -> dict[str, str]:
+    """The methods of the registry, name -> title, in the page's order."""
+    from ..model.methods import METHODS
+
+    names = [n for n in PAGE_METHODS_FIRST if n in METHODS] + [n for n in METHODS if n not in PAGE_METHODS_FIRST]
+    return {name: METHODS[name].title for name in names}
+
+
+def method_options() -> dict[str, dict]:
+    """Every method option of the registry, name -> {default, help, choices, methods}, for the page's
+    controls (an option shared by several methods is one control)."""
+    from dataclasses import fields
+
+    from ..model.methods import METHODS
+
+    options: dict[str, dict] = {}
+    for name in method_titles():
+        spec = METHODS[name]
+        for f in fields(spec.options):
+            entry = options.setdefault(f.name, {"default": f.default, "help": f.metadata.get("help", ""),
+                                                "choices": f.metadata.get("choices"), "methods": []})
+            entry["methods"].append(name)
+    return options
+
+
 # ---- models ----------------------------------------------------------------------------------
 
 class ModelStore:
@@ -176,7 +202,7 @@ class ModelStore:
     def __init__(self, base, clip_loaders: dict[str, tuple[str, Callable[[], tuple]]] | None = None,
                  vfm_loaders: dict[str, Callable[[], object]] | None = None):
         if base.vfm is None:
-            raise ProxyCLIPError("the demo's model must be built with method 'proxyclip' (it needs the VFM)")
+            raise ProxyCLIPError("the demo's model must be built with a VFM (method 'proxyclip'): some methods use it")
         cfg = base.config
         self.base = base
         self._clip_loaders = {cfg.clip: (cfg.clip_pretrained, None), **(clip_loaders or {})}
@@ -227,13 +253,12 @@ class Settings:
 
     clip: str
     vfm: str
-    method: str = "proxyclip"
-    beta: float = 1.2
-    gamma: float = 3.0
-    bg_threshold: float = 0.0
-    window: int = 336
-    stride: int = 112
-    compare: bool = False  # also run vanilla CLIP and MaskCLIP and show the three side by side
+    method: str
+    bg_threshold: float
+    window: int
+    stride: int
+    compare: bool = False  # run every method and show them side by side
+    options: Mapping[str, Any] = field(default_factory=dict)  # method options by name, for the methods that take them
 
 
 @dataclass
@@ -273,8 +298,8 @@ class DemoApp:
 
     def __init__(self, store: ModelStore, limits: DemoLimits | None = None, out_dir: str | Path | None = None,
                  random_weights: bool = False, default_method: str = "proxyclip", keep: int = 32):
-        if default_method not in METHODS:
-            raise DemoInputError(f"unknown method {default_method!r}; choose one of {', '.join(METHODS)}")
+        if default_method not in method_titles():
+            raise DemoInputError(f"unknown method {default_method!r}; choose one of {', '.join(method_titles())}")
         self.store = store
         self.limits = limits or DemoLimits()
         self.random_weights = random_weights
@@ -288,8 +313,9 @@ class DemoApp:
     @property
     def defaults(self) -> Settings:
         cfg = self.store.base.config
-        return Settings(clip=cfg.clip, vfm=cfg.vfm, beta=cfg.beta, gamma=cfg.gamma, bg_threshold=cfg.bg_threshold,
-                        window=cfg.window, stride=cfg.stride)
+        return Settings(clip=cfg.clip, vfm=cfg.vfm, method=self.default_method, bg_threshold=cfg.bg_threshold,
+                        window=cfg.window,
+                        stride=cfg.stride, options={k: v["default"] for k, v in method_options().items()})
 
     def resolve_classes(self, preset: str | None, text: str | None) -> tuple[ClassList, tuple[str, ...]]:
         """The classes of a request: a preset vocabulary, or the text box when ``preset`` is CUSTOM/None."""
@@ -312,8 +338,9 @@ class DemoApp:
     def run(self, image_path: str | os.PathLike | None, preset: str | None, text: str | None,
             settings: Settings, image_name: str | None = None) -> DemoResult:
         """Segment one uploaded image; raises ProxyCLIPError with a message for the page."""
-        if settings.method not in METHODS:
-            raise DemoInputError(f"unknown method {settings.method!r}; choose one of {', '.join(METHODS)}")
+        titles = method_titles()
+        if settings.method not in titles:
+            raise DemoInputError(f"unknown method {settings.method!r}; choose one of {', '.join(titles)}")
         classes, names = self.resolve_classes(preset, text)
         if image_path is None:
             raise ImageError("no image: upload one, paste one, take one with the webcam, or click an example")
@@ -327,12 +354,12 @@ class DemoApp:
             start = time.perf_counter()
             pair.encode_classes(classes)  # cached per CLIP and class list: the first time costs 80 prompts a name
             text_seconds = None if encoded else time.perf_counter() - start
-            methods = COMPARE_ORDER if settings.compare else (settings.method,)
+            methods = tuple(titles) if settings.compare else (settings.method,)
             runs = {}
             for method in methods:
-                model = pair.with_config(method=method, beta=settings.beta, gamma=settings.gamma,
-                                         bg_threshold=settings.bg_threshold, window=int(settings.window),
-                                         stride=int(settings.stride))
+                options = {k: v for k, v in settings.options.items() if k in get_method(method).option_names()}
+                model = pair.with_config(method=method, bg_threshold=settings.bg_threshold,
+                                         window=int(settings.window), stride=int(settings.stride), **options)
                 start = time.perf_counter()
                 result = model.segment(pixels, classes, return_probs=False)  # labels only: less memory
                 runs[method] = (result.labels, time.perf_counter() - start)
@@ -347,10 +374,10 @@ class DemoApp:
         overlay = overlay_image(pixels, labels, names)
         comparison = []
         if settings.compare:
-            for method in COMPARE_ORDER:
-                m_labels, m_seconds = runs[method]
+            titles = method_titles()
+            for method, (m_labels, m_seconds) in runs.items():
                 m_overlay = overlay if method == settings.method else overlay_image(pixels, m_labels, names)
-                comparison.append((m_overlay, f"{METHODS[method]} - {m_seconds:.2f} s"))
+                comparison.append((m_overlay, f"{titles[method]} - {m_seconds:.2f} s"))
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(image_name or "image").stem).strip("_")[:40] or "image"
         folder = self._new_folder()
         files = [folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png"]
@@ -363,9 +390,9 @@ class DemoApp:
         h, w = labels.shape
         size = f"{w} x {h} px" + ("" if (w, h) == tuple(original_size) else
                                   f" (downscaled from {original_size[0]} x {original_size[1]})")
-        vfm = f" + {settings.vfm}" if settings.method == "proxyclip" else ""
+        vfm = f" + {settings.vfm}" if get_method(settings.method).needs_vfm else ""
         lines = [
-            f"**Segmented in {seconds:.2f} s** with {METHODS[settings.method]} (CLIP {settings.clip}{vfm}, "
+            f"**Segmented in {seconds:.2f} s** with {method_titles()[settings.method]} (CLIP {settings.clip}{vfm}, "
             f"on {self.store.base.device.type}) · {size} · {len(names)} classes, {len(present)} present",
             f"Present: {shares}{more}.",
         ]
@@ -463,12 +490,18 @@ def build_ui(app: DemoApp):
                     vfm = gr.Dropdown(app.store.vfm_names, value=d.vfm, label="VFM (proxy attention)",
                                       elem_id="pc-vfm", info="others load on first use")
                 with gr.Accordion("Advanced settings", open=False):
-                    method = gr.Radio([(v, k) for k, v in METHODS.items()], value=app.default_method,
-                                      label="Method", info="MaskCLIP and vanilla CLIP are baselines without a VFM")
-                    compare = gr.Checkbox(False, label="Compare vanilla CLIP, MaskCLIP and ProxyCLIP side by side",
-                                          elem_id="pc-compare")
-                    beta = gr.Slider(0.0, 3.0, value=d.beta, step=0.05, label="beta (shift, eq. 6)")
-                    gamma = gr.Slider(0.0, 10.0, value=d.gamma, step=0.1, label="gamma (scale, eq. 6)")
+                    method = gr.Radio([(v, k) for k, v in method_titles().items()], value=app.default_method,
+                                      label="Method", info="the training-free methods; those without a VFM ignore it")
+                    compare = gr.Checkbox(False, label="Compare every method side by side", elem_id="pc-compare")
+                    option_controls = []
+                    for name, entry in method_options().items():
+                        label = f"{name} ({', '.join(entry['methods'])})"
+                        if entry["choices"]:
+                            control = gr.Dropdown(list(entry["choices"]), value=entry["default"], label=label,
+                                                  info=entry["help"])
+                        else:
+                            control = gr.Number(value=entry["default"], label=label, info=entry["help"])
+                        option_controls.append(control)
                     bg = gr.Slider(0.0, 1.0, value=d.bg_threshold, step=0.01, label="background threshold",
                                    info="pixels less certain than this go to the first class; 0 = off")
                     sizes = sorted({56, 112, 224, 336, 448, 560, 672, d.window, d.stride})
@@ -484,7 +517,7 @@ def build_ui(app: DemoApp):
                 status = gr.Markdown(elem_id="pc-status")
                 files = gr.File(label="Downloads: label map (palette PNG) and overlay with legend",
                                 file_count="multiple", interactive=False, elem_id="pc-files")
-        gallery = gr.Gallery(label="Vanilla CLIP / MaskCLIP / ProxyCLIP", columns=3, height="auto",
+        gallery = gr.Gallery(label="Every method, side by side", columns=3, height="auto",
                              visible=False, elem_id="pc-compare-gallery", object_fit="contain")
 
         def on_vocab(label):
@@ -496,12 +529,17 @@ def build_ui(app: DemoApp):
                 raise gr.Error(str(exc), duration=30, print_exception=False) from None
             return gr.Textbox(value=format_classes(classes_), interactive=False), gr.Slider(value=threshold)
 
-        def on_segment(image_payload, vocab_label, text, clip_name, vfm_name, method_name, beta_, gamma_, bg_,
-                       window_, stride_, compare_):
+        option_defaults = {k: v["default"] for k, v in method_options().items()}
+
+        def on_segment(image_payload, vocab_label, text, clip_name, vfm_name, method_name, bg_, window_, stride_,
+                       compare_, *option_values):
             try:
-                settings = Settings(clip=clip_name, vfm=vfm_name, method=method_name, beta=float(beta_),
-                                    gamma=float(gamma_), bg_threshold=float(bg_), window=int(window_),
-                                    stride=int(stride_), compare=bool(compare_))
+                options = dict(option_defaults)
+                for (name, default), value in zip(option_defaults.items(), option_values):
+                    options[name] = type(default)(value)
+                settings = Settings(clip=clip_name, vfm=vfm_name, method=method_name, bg_threshold=float(bg_),
+                                    window=int(window_), stride=int(stride_), compare=bool(compare_),
+                                    options=options)
             except (TypeError, ValueError) as exc:
                 raise gr.Error(f"bad setting: {exc}", duration=30, print_exception=False) from None
             path, decoded = None, False
@@ -527,7 +565,7 @@ def build_ui(app: DemoApp):
             )
 
         vocab.change(on_vocab, vocab, [classes, bg], queue=False, show_progress="hidden")
-        button.click(on_segment, [image, vocab, classes, clip, vfm, method, beta, gamma, bg, window, stride, compare],
+        button.click(on_segment, [image, vocab, classes, clip, vfm, method, bg, window, stride, compare, *option_controls],
                      [result, status, files, gallery], preprocess=False, concurrency_limit=1, api_name="segment")
     return demo
 
@@ -563,12 +601,10 @@ def _clip_spec(text: str) -> tuple[str, str | None, str | None]:
 
 def _vfm_spec(text: str) -> tuple[str, str | None]:
     """NAME[=FILE] -> (name, file)."""
-    from ..model.vfm import VFM_BUILDERS
+    from .options import vfm_key
 
     name, _, weights = text.partition("=")
-    if name not in VFM_BUILDERS:
-        raise argparse.ArgumentTypeError(f"unknown VFM {name!r}; choose one of {', '.join(sorted(VFM_BUILDERS))}")
-    return name, weights or None
+    return vfm_key(name), weights or None
 
 
 def add_demo_parser(sub) -> None:
@@ -613,14 +649,15 @@ def make_app(args: argparse.Namespace) -> DemoApp:
     """Build the models the options name (the defaults now, the --add-* ones on first use) and the app."""
     from functools import partial
 
-    from ..model.clip import default_pretrained, load_clip
+    from ..model.clip import load_clip
+    from ..model.config import default_pretrained
     from ..model.vfm import VFM_BUILDERS
     from .options import build_model, config_from_args
 
     if min(args.max_upload_mb, args.max_side, args.work_side, args.max_classes, args.queue_size) <= 0:
         raise ProxyCLIPError("--max-upload-mb, --max-side, --work-side, --max-classes and --queue-size must be positive")
     config = config_from_args(args)
-    base = build_model(args, replace(config, method="proxyclip"))
+    base = build_model(args, config.updated(method="proxyclip"))  # with the VFM, which some methods use
     clips = {name: (default_pretrained(name, tag),
                     partial(load_clip, name, default_pretrained(name, tag), weights, args.random_weights))
              for name, tag, weights in args.add_clip if name != config.clip}

@@ -1,103 +1,154 @@
 """Command-line options shared by the sub-commands: models, weights, method settings, device.
 
 Exit codes of every command: 0 success; 1 some inputs failed (the others were processed); 2 bad
-usage or configuration (class names, weights, output folder), nothing processed.
+usage or configuration (class names, weights, output folder), nothing processed; 3 an output could
+not be written (disk full, ...): the run stopped, what was written before is complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import ProxyCLIPError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Options that choose the models and their weights (shared by every sub-command)."""
-    from ..model.clip import CLIP_MODELS
-    from ..model.vfm import VFM_BUILDERS
+# Help texts of the general inference settings (their defaults live in ProxyCLIPConfig).
+GENERAL_SETTINGS = {
+    "window": (int, "sliding-window size in pixels"),
+    "stride": (int, "sliding-window stride in pixels"),
+    "bg_threshold": (float, "pixels whose top class probability is below this become class 0, the first class (0: off)"),
+    "logit_scale": (float, "multiplies the cosine logits before the softmax over the class names"),
+    "short_side": (int, "resize images so their short side is this many pixels, long side at most --long-side; "
+                        "0 keeps the size"),
+    "long_side": (int, "cap on the long side after resizing"),
+    "window_batch": (int, "windows per forward pass; lower it if memory runs out (results unchanged)"),
+}
+PER_DATASET_HELP = "from the dataset preset"
 
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options that choose the models, their weights and the method (shared by every sub-command)."""
+    from ..model.config import CLIP_MODELS, ProxyCLIPConfig
+    from ..model.methods import METHODS
+
+    default = ProxyCLIPConfig()
     g = parser.add_argument_group("models and weights")
-    g.add_argument("--clip", default="ViT-B-16", metavar="NAME",
+    g.add_argument("--clip", default=default.clip, metavar="NAME",
                    help=f"open_clip ViT architecture (paper: {', '.join(CLIP_MODELS)}; default: %(default)s)")
     g.add_argument("--clip-pretrained", default=None, metavar="TAG",
-                   help="open_clip pretrained tag; decides QuickGELU (default: openai for ViT-B-16/L-14, "
-                        "laion2b_s32b_b79k for ViT-H-14)")
+                   help="open_clip pretrained tag; decides QuickGELU (default: "
+                        + ", ".join(f"{tag} for {name}" for name, tag in CLIP_MODELS.items()) + ", else openai)")
     g.add_argument("--clip-weights", default=None, metavar="FILE",
                    help="local CLIP checkpoint (.safetensors or a state dict) instead of downloading the tag's weights")
-    g.add_argument("--vfm", default="dino_vitb8", choices=sorted(VFM_BUILDERS),
-                   help="vision foundation model giving the proxy attention (default: %(default)s)")
+    g.add_argument("--vfm", default=default.vfm, type=vfm_key, metavar="NAME",
+                   help="vision foundation model, for the methods that use one: a key of VFM_BUILDERS, "
+                        "e.g. dino_vitb8, dino_vitb16, dinov2_vitb14_reg, sam_vitb, mae_vitb16 (default: %(default)s)")
     g.add_argument("--vfm-weights", default=None, metavar="FILE",
                    help="local VFM checkpoint (timm format, .safetensors or a state dict) instead of the hub")
-    g.add_argument("--method", default="proxyclip", choices=["proxyclip", "maskclip", "clip"],
-                   help="proxyclip, or a training-free baseline without a VFM: maskclip (values, no attention) "
-                        "or clip (the plain last block) (default: %(default)s)")
+    g.add_argument("--method", default=default.method, choices=list(METHODS), metavar="METHOD",
+                   help="the training-free method: " + "; ".join(
+                       f"{name} ({spec.title}{', with a VFM' if spec.needs_vfm else ''}): {spec.summary}"
+                       for name, spec in METHODS.items()) + " (default: %(default)s)")
     g.add_argument("--random-weights", action="store_true",
                    help="build the real architectures with RANDOM weights (tests and benchmarks only: "
                         "the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights (--random-weights): the same seed builds the same "
+                        "weights, so runs are reproducible and resumable (default: %(default)s)")
+    g.add_argument("--no-text-cache", action="store_true",
+                   help="do not read or write text embeddings in the on-disk cache (PROXYCLIP_CACHE, "
+                        "default ~/.cache/proxyclip)")
     g.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model precision; fp16 needs CUDA, bf16 runs on CUDA and recent CPUs (default: %(default)s)")
 
 
-def add_inference_args(parser: argparse.ArgumentParser, window: int | None = 336, stride: int | None = 112,
-                       short_side: int | None = 336, bg_threshold: float | None = 0.0,
-                       long_side: int | None = 2048) -> None:
-    """Options of the method itself; a default of None means "from the dataset preset"."""
-    g = parser.add_argument_group("method settings")
-    g.add_argument("--beta", type=float, default=1.2, help="shift factor of eq. 6 (default: %(default)s)")
-    g.add_argument("--gamma", type=float, default=3.0, help="scale factor of eq. 6 (default: %(default)s)")
-    g.add_argument("--attention", default="proxy", choices=["proxy", "plain", "norm", "mask"],
-                   help="proxy (the method, eqs. 4-8) or an ablation of the paper: plain (softmax of the "
-                        "similarity, Table 4), norm (normalisation without mask, Table 4), mask (fixed threshold "
-                        "--alpha without normalisation, Table 6) (default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=0.0,
-                   help="similarity threshold of the 'mask' ablation (eq. 9; default: %(default)s)")
-    g.add_argument("--window", type=int, default=window, help="sliding-window size in pixels (default: %(default)s)")
-    g.add_argument("--stride", type=int, default=stride, help="sliding-window stride in pixels (default: %(default)s)")
-    g.add_argument("--bg-threshold", type=float, default=bg_threshold,
-                   help="pixels whose top class probability is below this become class 0, the first class "
-                        "(default: %(default)s, off)")
-    g.add_argument("--short-side", type=int, default=short_side,
-                   help="resize images so their short side is this many pixels, long side at most --long-side; "
-                        "0 keeps the size (default: %(default)s)")
-    g.add_argument("--long-side", type=int, default=long_side,
-                   help="cap on the long side after resizing (default: %(default)s)")
-    g.add_argument("--window-batch", type=int, default=16,
-                   help="windows per forward pass; lower it if memory runs out (default: %(default)s)")
+def vfm_key(name: str) -> str:
+    """``--vfm``'s type: a key of VFM_BUILDERS (checked when given, so that --help imports no torch)."""
+    from ..model.vfm import VFM_BUILDERS
+
+    if name not in VFM_BUILDERS:
+        raise argparse.ArgumentTypeError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_BUILDERS)}")
+    return name
+
+
+def add_inference_args(parser: argparse.ArgumentParser, per_dataset: tuple[str, ...] = ()) -> None:
+    """The inference settings: general ones, and every method's options (from the registry).
+
+    Every option defaults to None ("not given"): :func:`config_from_args` then takes the value from
+    the dataset preset for the names in ``per_dataset``, else the method's default.
+    """
+    from dataclasses import MISSING, fields
+
+    from ..model.config import ProxyCLIPConfig, method_defaults
+    from ..model.methods import METHODS
+
+    defaults = {f.name: f.default for f in fields(ProxyCLIPConfig)}
+    g = parser.add_argument_group("inference settings")
+    for name, (kind, text) in GENERAL_SETTINGS.items():
+        shown = PER_DATASET_HELP if name in per_dataset else defaults[name]
+        g.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {shown})")
+    from ..model.refine import REFINERS
+
+    g.add_argument("--refine", default=None, choices=sorted(REFINERS) or None,
+                   help="post-processing of each window's logits, for any method (default: none)")
+    m = parser.add_argument_group("method options (each applies to the methods that name it)")
+    options: dict[str, dict] = {}  # option name -> {help, choices, type, defaults by method}
+    for method, spec in METHODS.items():
+        method_default = method_defaults(method)
+        for f in fields(spec.options):
+            entry = options.setdefault(f.name, {"help": f.metadata.get("help", ""), "choices": f.metadata.get("choices"),
+                                                "type": type(f.default) if f.default is not MISSING else str,
+                                                "defaults": {}})
+            entry["defaults"][method] = method_default[f.name]
+    for name, entry in options.items():
+        shown = ", ".join(f"{method} {value}" for method, value in entry["defaults"].items())
+        kind = entry["type"] if entry["type"] in (int, float, str) else str
+        m.add_argument(_flag(name), type=kind, default=None, choices=entry["choices"],
+                       help=f"{entry['help']} (default: {shown})")
 
 
 def config_from_args(args: argparse.Namespace, **preset):
-    """A ProxyCLIPConfig from the parsed options; ``preset`` fills options left at None."""
-    from ..model.clip import default_pretrained
-    from ..model.segmenter import ProxyCLIPConfig
+    """A ProxyCLIPConfig from the parsed options: explicit options over ``preset`` (a partial
+    inference config, e.g. a dataset's) over the method's defaults."""
+    from ..model.config import ProxyCLIPConfig
+    from ..model.methods import get_method
 
-    def pick(name: str):
-        value = getattr(args, name, None)
-        return preset.get(name) if value is None else value
+    spec = get_method(args.method)
+    settings = {k: v for k, v in preset.items() if v is not None}
+    settings.update(explicit_settings(args))
+    given = {name for name in _all_option_names() if getattr(args, name, None) is not None}
+    stray = sorted(given - set(spec.option_names()))
+    if stray:
+        raise ProxyCLIPError(f"{', '.join(_flag(n) for n in stray)} does not apply to method {args.method!r} "
+                             f"(its options: {', '.join(_flag(n) for n in spec.option_names()) or 'none'})")
+    settings.update({name: getattr(args, name) for name in given})
+    if settings.get("short_side") == 0:
+        settings["short_side"] = None
+    return ProxyCLIPConfig.create(clip=args.clip, clip_pretrained=args.clip_pretrained, vfm=args.vfm,
+                                  method=args.method, **settings)
 
-    short = pick("short_side")
-    return ProxyCLIPConfig(
-        clip=args.clip,
-        clip_pretrained=default_pretrained(args.clip, args.clip_pretrained),
-        vfm=args.vfm,
-        method=args.method,
-        beta=args.beta,
-        gamma=args.gamma,
-        attention=args.attention,
-        alpha=args.alpha,
-        window=pick("window"),
-        stride=pick("stride"),
-        bg_threshold=pick("bg_threshold"),
-        short_side=short if short else None,
-        long_side=pick("long_side"),
-        window_batch=args.window_batch,
-    )
+
+def explicit_settings(args: argparse.Namespace) -> dict:
+    """The general inference settings given on the command line (not the method's options)."""
+    return {name: getattr(args, name) for name in (*GENERAL_SETTINGS, "refine") if getattr(args, name, None) is not None}
+
+
+def _all_option_names() -> set[str]:
+    from ..model.methods import METHODS
+
+    return {name for spec in METHODS.values() for name in spec.option_names()}
 
 
 def resolve_device(name: str):
@@ -130,6 +181,10 @@ def build_model(args: argparse.Namespace, config):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
+    if args.random_weights:  # the same --seed builds the same weights: reproducible, resumable runs
+        import torch
+
+        torch.manual_seed(getattr(args, "seed", 0))
     return ProxyCLIP.build(
         config,
         clip_weights=args.clip_weights,
@@ -137,7 +192,13 @@ def build_model(args: argparse.Namespace, config):
         random_weights=args.random_weights,
         device=device,
         dtype=dtype,
+        progress=say,
     )
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (the commands' results go to stdout)."""
+    print(f"proxyclip: {line}", file=sys.stderr, flush=True)
 
 
 def ensure_writable_dir(path: Path) -> None:

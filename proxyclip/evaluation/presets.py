@@ -10,14 +10,21 @@ JSON file, edit it and evaluate their own dataset without writing code.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from ..classes import ClassList, read_class_file
 from ..errors import ProxyCLIPError
+from ..model.config import ProxyCLIPConfig
+
+# The inference settings a dataset's protocol decides (the rest belongs to the method or the user).
+DATASET_SETTINGS = ("window", "stride", "short_side", "long_side", "bg_threshold")
 
 LABEL_DTYPES = ("uint8", "uint16")
+PROTOCOLS = ("method", "dataset")  # whose per-dataset settings win: the method's published ones, or the preset's
 
 
 @dataclass(frozen=True)
@@ -37,21 +44,27 @@ class DatasetPreset:
     ignore_index: int = 255  # label value left out of scoring
     published_ignore_index: int | None = None  # the published runs' ignore value, where it was wrong
     label_dtype: str = "uint8"  # labels are cast to this on loading (as MMSegmentation did)
-    bg_threshold: float = 0.0  # pixels whose top probability is below become class 0
-    short_side: int = 336  # resize: short side to this ...
-    long_side: int = 2048  # ... long side at most this
-    window: int = 336  # sliding window
-    stride: int = 112
+    # The published protocol's inference settings where they differ from ProxyCLIPConfig's defaults:
+    # a partial config, e.g. {"bg_threshold": 0.2} or {"short_side": 448, "window": 224}.
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ProxyCLIPError(f"preset {self.key!r}: num_classes must be at least 1")
         if self.label_dtype not in LABEL_DTYPES:
             raise ProxyCLIPError(f"preset {self.key!r}: label_dtype must be one of {', '.join(LABEL_DTYPES)}")
-        if not 0.0 <= self.bg_threshold <= 1.0:
-            raise ProxyCLIPError(f"preset {self.key!r}: bg_threshold must lie in [0, 1]")
-        if min(self.short_side, self.long_side, self.window, self.stride) <= 0:
-            raise ProxyCLIPError(f"preset {self.key!r}: short_side, long_side, window and stride must be positive")
+        unknown = sorted(set(self.settings) - set(DATASET_SETTINGS))
+        if unknown:
+            raise ProxyCLIPError(f"preset {self.key!r}: unknown setting(s) {', '.join(unknown)}; a preset sets "
+                                 f"{', '.join(DATASET_SETTINGS)}")
+        try:  # the config checks the values
+            ProxyCLIPConfig.create(**self.settings)
+        except ProxyCLIPError as exc:
+            raise ProxyCLIPError(f"preset {self.key!r}: {exc}") from None
+
+    def setting(self, name: str) -> Any:
+        """The protocol's value of an inference setting (the config's default where the preset sets none)."""
+        return self.settings.get(name, getattr(ProxyCLIPConfig(), name))
 
     def ignore(self, published: bool = False) -> int:
         """The ignore value: the correct one, or (``published``) the one the published runs used."""
@@ -82,7 +95,7 @@ class DatasetPreset:
         """Names for tables and legends: with a background threshold, class 0 is queried with a bag
         of background words (VOC21, COCO-Object) or "background", and is shown as "background"."""
         names = list(classes.display_names)
-        if self.bg_threshold > 0:
+        if self.setting("bg_threshold") > 0:
             names[0] = "background"
         return tuple(names)
 
@@ -94,24 +107,25 @@ _CONTEXT = dict(image_dir="JPEGImages", label_dir="SegmentationClassContext",
 PRESETS: dict[str, DatasetPreset] = {p.key: p for p in (
     # Roots: VOCdevkit/VOC2012 (voc21, voc20), VOCdevkit/VOC2010 (context60, context59, context459),
     # coco_stuff164k (coco_object, coco_stuff), cityscapes, ADEChallengeData2016, ADE20K_2021_17_01.
-    DatasetPreset("voc21", "VOC21", "voc21.txt", 21, bg_threshold=0.2, **_VOC),
+    DatasetPreset("voc21", "VOC21", "voc21.txt", 21, settings={"bg_threshold": 0.2}, **_VOC),
     DatasetPreset("voc20", "VOC20", "voc20.txt", 20, reduce_zero_label=True, **_VOC),
-    DatasetPreset("context60", "Context60", "context60.txt", 60, bg_threshold=0.15, **_CONTEXT),
+    DatasetPreset("context60", "Context60", "context60.txt", 60, settings={"bg_threshold": 0.15}, **_CONTEXT),
     DatasetPreset("context59", "Context59", "context59.txt", 59, reduce_zero_label=True, **_CONTEXT),
-    DatasetPreset("coco_object", "Object", "coco_object.txt", 81, bg_threshold=0.25,
+    DatasetPreset("coco_object", "Object", "coco_object.txt", 81, settings={"bg_threshold": 0.25},
                   image_dir="images/val2017", label_dir="annotations/val2017", label_suffix="_instanceTrainIds.png"),
     DatasetPreset("coco_stuff", "Stuff", "coco_stuff.txt", 171,
                   image_dir="images/val2017", label_dir="annotations/val2017", label_suffix="_labelTrainIds.png"),
-    DatasetPreset("cityscapes", "City", "cityscapes.txt", 19, short_side=448, window=224, stride=112,
+    DatasetPreset("cityscapes", "City", "cityscapes.txt", 19,
+                  settings={"short_side": 448, "window": 224, "stride": 112},
                   image_dir="leftImg8bit/val", label_dir="gtFine/val",
                   image_suffix="_leftImg8bit.png", label_suffix="_gtFine_labelTrainIds.png"),
-    DatasetPreset("ade20k", "ADE", "ade20k.txt", 150, short_side=448, reduce_zero_label=True,
+    DatasetPreset("ade20k", "ADE", "ade20k.txt", 150, settings={"short_side": 448}, reduce_zero_label=True,
                   image_dir="images/validation", label_dir="annotations/validation"),
-    DatasetPreset("ade847", "ADE847", "ade847.txt", 847, short_side=448, label_dtype="uint16",
+    DatasetPreset("ade847", "ADE847", "ade847.txt", 847, settings={"short_side": 448}, label_dtype="uint16",
                   ignore_index=65535, published_ignore_index=255,
                   image_dir="images_detectron2/validation", label_dir="annotations_detectron2/validation",
                   label_suffix=".tif"),
-    DatasetPreset("context459", "Context459", "context459.txt", 459, short_side=448, label_dtype="uint16",
+    DatasetPreset("context459", "Context459", "context459.txt", 459, settings={"short_side": 448}, label_dtype="uint16",
                   ignore_index=65535, published_ignore_index=255,
                   image_dir="JPEGImages", label_dir="annotations_detectron2/pc459_val", label_suffix=".tif",
                   split_file="ImageSets/SegmentationContext/val.txt"),

@@ -20,8 +20,7 @@ which is identical to eq. 7 for every row that has a non-negative entry.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from .._lazy import F, torch
 
 
 def normalised_similarity(feats: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:

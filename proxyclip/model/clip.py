@@ -1,13 +1,9 @@
-"""CLIP from open_clip: loading, dense value features of the last block, text embeddings.
-
-Only public pieces of open_clip's ViT are touched: ``conv1``, ``class_embedding``,
-``positional_embedding``, ``ln_pre``, ``transformer.resblocks`` (and of the last block ``ln_1``,
-``attn.in_proj_weight``/``in_proj_bias``, ``attn.out_proj``), ``ln_post`` and ``proj``.
-"""
+"""CLIP from open_clip: loading, the adapter that methods read CLIP's image tower through, and
+text embeddings. No other module touches open_clip's internals."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import open_clip
 import torch
@@ -16,19 +12,8 @@ from open_clip.transformer import VisionTransformer
 
 from ..errors import ProxyCLIPError, WeightsError
 from .checkpoints import load_state_dict, read_checkpoint
+from .config import CLIP_MODELS
 from .pos_embed import resize_pos_embed_with_cls
-
-# The CLIP models of the paper: open_clip name -> default pretrained tag.
-CLIP_MODELS = {
-    "ViT-B-16": "openai",
-    "ViT-L-14": "openai",
-    "ViT-H-14": "laion2b_s32b_b79k",
-}
-
-
-def default_pretrained(name: str, tag: str | None = None) -> str:
-    """``tag``, or else the paper's pretrained tag for the CLIP ``name`` (OpenAI's for other names)."""
-    return tag or CLIP_MODELS.get(name, "openai")
 
 
 def _uses_quick_gelu(name: str, pretrained: str | None) -> bool:
@@ -43,8 +28,9 @@ def load_clip(
     pretrained: str | None = "openai",
     weights: str | None = None,
     random_weights: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.nn.Module, object]:
-    """Build an open_clip model and its tokenizer, in fp32 on the CPU, in eval mode.
+    """Build an open_clip model and its tokenizer on the CPU, in eval mode.
 
     Args:
         name: open_clip architecture name, e.g. "ViT-B-16".
@@ -53,6 +39,9 @@ def load_clip(
             .safetensors, a state dict (read with ``weights_only=True``), or OpenAI's own
             TorchScript file (``ViT-B-16.pt``); see :mod:`proxyclip.model.checkpoints`.
         random_weights: build the architecture with random weights (tests and benchmarks only).
+        precision: open_clip's precision: "fp32", or "fp16" as the published runs built CLIP (linear,
+            convolution and attention weights and ``proj`` in fp16; layer norms computed in fp32;
+            class and positional embeddings fp32).
 
     Raises:
         WeightsError: the weights are not available (one line saying how to supply them).
@@ -65,7 +54,7 @@ def load_clip(
     source = None if random_weights or weights else pretrained  # a local file is read below, safely
     try:
         model = open_clip.create_model(
-            name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True
+            name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True, precision=precision
         )
     except Exception as exc:  # open_clip and huggingface_hub raise many types here
         if random_weights:
@@ -85,90 +74,156 @@ def load_clip(
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)
 
 
-def clip_normalisation(visual: VisionTransformer) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """CLIP's pixel mean and std (RGB, 0-1 range) as open_clip's preprocess config states them."""
-    cfg = visual.preprocess_cfg
-    return tuple(cfg["mean"]), tuple(cfg["std"])
+class Block:
+    """One residual attention block of CLIP's ViT, in pieces (batch-first tensors throughout).
 
-
-def clip_patch_size(visual: VisionTransformer) -> int:
-    return int(visual.conv1.kernel_size[0])
-
-
-def last_block_input(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Run CLIP's ViT up to, not including, its last block.
-
-    Args:
-        images: B x 3 x H x W, CLIP-normalised.
-
-    Returns:
-        B x (1 + h*w) x D tokens (class token first), h = H // patch, w = W // patch. The
-        positional embedding is resized with the DINO recipe (see :mod:`proxyclip.pos_embed`).
+    ``forward`` is the block as open_clip runs it: ``x + ls_1(attn(ln_1(x)))``, then
+    ``x + ls_2(mlp(ln_2(x)))``. Methods that change the block call the pieces.
     """
-    x = visual.conv1(images)  # B x D x h x w
-    grid = tuple(x.shape[-2:])
-    x = x.flatten(2).transpose(1, 2)  # B x hw x D
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # B x 1 x D
-    x = torch.cat([cls, x], dim=1)  # B x (1 + hw) x D
-    x = x + resize_pos_embed_with_cls(visual.positional_embedding, grid).to(x.dtype)
-    x = visual.ln_pre(visual.patch_dropout(x))
-    transformer = visual.transformer
-    if not transformer.batch_first:
-        x = x.transpose(0, 1)  # B x L x D -> L x B x D
-    for block in transformer.resblocks[:-1]:
-        x = block(x)
-    if not transformer.batch_first:
-        x = x.transpose(0, 1)  # L x B x D -> B x L x D
-    return x
+
+    def __init__(self, block: torch.nn.Module, batch_first: bool):
+        self.module = block
+        self.batch_first = batch_first
+        self.heads = int(block.attn.num_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x L x D -> B x L x D, the unchanged block."""
+        if self.batch_first:
+            return self.module(x)
+        return self.module(x.transpose(0, 1)).transpose(0, 1)
+
+    def ln_1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.ln_1(x)
+
+    def ln_2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.ln_2(x)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's in-projection of ``x`` (already through ``ln_1``).
+
+        Args:
+            x: B x L x D.
+
+        Returns:
+            q, k, v: B x L x D each, heads concatenated along D (head-major).
+        """
+        attn = self.module.attn
+        return F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+    def out_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's output projection, B x L x D -> B x L x D."""
+        return self.module.attn.out_proj(x)
+
+    def ls_1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.ls_1(x)
+
+    def ls_2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.ls_2(x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward, B x L x D -> B x L x D (no norm, no residual)."""
+        return self.module.mlp(x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's own multi-head self-attention of ``x`` (through ``ln_1``), before out_proj:
+        softmax(q k^T / sqrt(d)) v per head. B x L x D -> B x L x D."""
+        q, k, v = self.qkv(x)
+        b, n, d = q.shape
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # B x H x L x d
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # B x L x D
 
 
-def last_block_values(visual: VisionTransformer, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The value embeddings of the last block's patch tokens, as a feature map.
+class ClipAdapter:
+    """CLIP's image tower in the pieces that training-free methods reuse: the one place that
+    touches open_clip's internals.
 
-    Args:
-        x: B x (1 + h*w) x D output of :func:`last_block_input`.
-        grid: (h, w).
-
-    Returns:
-        B x D x h x w values, all heads concatenated along D (head-major, as in the attention).
+    Only public pieces of open_clip's ViT are read: ``conv1``, ``class_embedding``,
+    ``positional_embedding``, ``patch_dropout``, ``ln_pre``, ``transformer.resblocks`` (each with
+    ``ln_1``, ``attn`` (``in_proj_weight``/``in_proj_bias``, ``out_proj``, ``num_heads``), ``ls_1``,
+    ``ln_2``, ``mlp``, ``ls_2``), ``ln_post``, ``proj`` and ``preprocess_cfg``. All tensors are
+    batch-first: B x L x D tokens, class token first.
     """
-    block = visual.transformer.resblocks[-1]
-    dim = x.shape[-1]
-    w_v = block.attn.in_proj_weight[2 * dim :]  # D x D
-    b_v = block.attn.in_proj_bias[2 * dim :] if block.attn.in_proj_bias is not None else None
-    v = F.linear(block.ln_1(x[:, 1:]), w_v, b_v)  # B x hw x D
-    return v.transpose(1, 2).reshape(x.shape[0], dim, *grid)  # B x D x h x w
 
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.visual = model.visual
+        self._blocks = [Block(b, self.visual.transformer.batch_first) for b in self.visual.transformer.resblocks]
 
-def project_tokens(visual: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """The last block's output projection, then ``ln_post`` and ``proj``: no residual, no MLP.
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.conv1.kernel_size[0])
 
-    Args:
-        tokens: B x L x D aggregated values.
+    @property
+    def width(self) -> int:
+        """D, the transformer's width."""
+        return int(self.visual.conv1.out_channels)
 
-    Returns:
-        B x L x E features in CLIP's joint space (not normalised).
-    """
-    block = visual.transformer.resblocks[-1]
-    z = block.attn.out_proj(tokens)  # B x L x D
-    return visual.ln_post(z) @ visual.proj  # B x L x E
+    @property
+    def embed_dim(self) -> int:
+        """E, the joint image-text space's width."""
+        return int(self.visual.proj.shape[1])
 
+    @property
+    def depth(self) -> int:
+        return len(self._blocks)
 
-def vanilla_patch_features(visual: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """The plain CLIP baseline: the full last block, class token dropped, ``ln_post``, ``proj``.
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.proj.dtype
 
-    Args:
-        x: B x (1 + h*w) x D output of :func:`last_block_input`.
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """CLIP's pixel mean and std (RGB, 0-1 range) as open_clip's preprocess config states them."""
+        cfg = self.visual.preprocess_cfg
+        return tuple(cfg["mean"]), tuple(cfg["std"])
 
-    Returns:
-        B x hw x E.
-    """
-    block = visual.transformer.resblocks[-1]
-    if not visual.transformer.batch_first:
-        x = block(x.transpose(0, 1)).transpose(0, 1)
-    else:
-        x = block(x)
-    return visual.ln_post(x[:, 1:]) @ visual.proj  # B x hw x E
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) patch grid of B x 3 x H x W images."""
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+
+    def block(self, index: int) -> Block:
+        """Block ``index`` (negative counts from the last)."""
+        return self._blocks[index]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, class token, positional embedding and ``ln_pre``.
+
+        Args:
+            images: B x 3 x H x W, CLIP-normalised.
+
+        Returns:
+            B x (1 + h*w) x D tokens. The positional embedding is resized with the DINO recipe
+            (see :mod:`proxyclip.model.pos_embed`).
+        """
+        visual = self.visual
+        x = visual.conv1(images)  # B x D x h x w
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)  # B x hw x D
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # B x 1 x D
+        x = torch.cat([cls, x], dim=1)  # B x (1 + hw) x D
+        x = x + resize_pos_embed_with_cls(visual.positional_embedding, grid).to(x.dtype)
+        return visual.ln_pre(visual.patch_dropout(x))
+
+    def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run blocks ``start:stop`` unchanged, B x L x D -> B x L x D."""
+        transformer = self.visual.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)  # B x L x D -> L x B x D
+        for block in transformer.resblocks[start:stop]:
+            x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
+    def last_block_input(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> B x (1 + h*w) x D: every block but the last, unchanged."""
+        return self.blocks(self.embed(images), stop=-1)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` and ``proj``: B x L x D -> B x L x E in CLIP's joint space (not normalised)."""
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def to_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens as a map: B x (h*w) x C -> B x C x h x w."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
 
 
 def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -203,12 +258,14 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_queries(
-    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8
+    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates.
 
     Each template's embedding is l2-normalised, averaged over templates and normalised again,
-    as open_clip's ``build_zero_shot_classifier`` does.
+    as open_clip's ``build_zero_shot_classifier`` does. ``progress(done, total)`` is called after
+    each batch of names (e.g. to draw a progress bar).
 
     Returns:
         Q x E float32, rows of unit norm.
@@ -220,4 +277,6 @@ def encode_queries(
         tokens = tokenizer([t(name) for name in names for t in templates]).to(device)  # (n*80) x 77
         emb = encode_text(model, tokens).reshape(len(names), len(templates), -1).mean(dim=1)  # n x E
         out.append(F.normalize(emb.float(), dim=-1))
+        if progress is not None:
+            progress(start + len(names), len(queries))
     return torch.cat(out)  # Q x E

@@ -672,14 +672,16 @@ def predict_logits(model: nn.Module, image: torch.Tensor, text: torch.Tensor, ou
         Q x H0 x W0 float32 cosine logits, comparable with ``model.predict_logits(image, text, out_size)``.
     """
     cfg = model.config
-    if cfg.attention != "proxy":
-        raise ValueError(f"the reference transcribes the published proxy attention only, not {cfg.attention!r}")
+    options = getattr(cfg, "options", cfg)  # a ProxyCLIPConfig's method options, or a plain namespace of settings
+    if cfg.method == "proxyclip" and getattr(options, "attention", "proxy") != "proxy":
+        raise ValueError(f"the reference transcribes the published proxy attention only, not {options.attention!r}")
     if vfm is None and cfg.method == "proxyclip":
         vfm = published_vfm(model.vfm)
     device = model.clip_model.visual.proj.device
     return forward_slide(
         model.clip_model, vfm, image[None].to(device), text.to(model.clip_model.visual.proj.dtype), out_size,
-        method=cfg.method, beta=cfg.beta, gamma=cfg.gamma, stride=cfg.stride, crop_size=cfg.window,
+        method=cfg.method, beta=getattr(options, "beta", 1.2), gamma=getattr(options, "gamma", 3.0),
+        stride=cfg.stride, crop_size=cfg.window,
         pad_multiple=cfg.pad_multiple,
     )[0]
 
