@@ -41,16 +41,18 @@ def _jitter(state: dict[str, torch.Tensor], scale: float = 0.1) -> dict[str, tor
 
 
 def original_state(kind: str, seed: int = 0, decoder: bool = False, full: bool = False, jitter: float = 0.1,
-                   **overrides) -> dict:
+                   model_name: str | None = None, **overrides) -> dict:
     """A tiny random checkpoint of ``kind`` in its original layout (what ``torch.save`` would write).
 
     Args:
         decoder: MAE only: also the decoder's keys (``mae_pretrain_vit_base_full.pth``).
         full: the full-size architecture (timm's defaults) instead of the tiny one.
+        model_name: another timm model of the kind (e.g. "vit_base_patch8_224.dino").
         jitter: the standard deviation of the noise added to every tensor.
         overrides: timm kwargs replacing the tiny defaults.
     """
     _, name, kwargs, _ = TINY_VFMS[kind]
+    name = model_name or name
     kwargs = {**({} if full else kwargs), **overrides}
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
