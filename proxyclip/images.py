@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import ImageError, OutputError
@@ -94,19 +93,26 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
 
 
 def rescaled_size(height: int, width: int, short_side: int, long_side: int) -> tuple[int, int]:
-    """MMSegmentation's keep-ratio rule: scale = min(long_side / long, short_side / short)."""
-    scale = min(long_side / max(height, width), short_side / min(height, width))
-    return max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1)
+    """The (height, width) that mmcv's ``Resize(scale=(long_side, short_side), keep_ratio=True)``
+    gives (``mmcv.rescale_size``): scale = min(max(scale) / long edge, min(scale) / short edge),
+    each side ``int(side * scale + 0.5)`` (at least 1 pixel here; mmcv would fail on 0)."""
+    big, small = max(long_side, short_side), min(long_side, short_side)  # mmcv: max / min of the scale tuple
+    scale = min(big / max(height, width), small / min(height, width))
+    return max(int(height * float(scale) + 0.5), 1), max(int(width * float(scale) + 0.5), 1)
 
 
 def resize_keep_ratio(pixels: torch.Tensor, short_side: int, long_side: int) -> torch.Tensor:
-    """Resize a 3 x H x W uint8 image by :func:`rescaled_size`, bilinear (no antialiasing, as
-    OpenCV's INTER_LINEAR that the published pipeline used), rounded back to uint8."""
+    """Resize a 3 x H x W uint8 image to :func:`rescaled_size` exactly as the published pipeline
+    (mmcv ``imrescale``, backend cv2): ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)``, OpenCV's
+    fixed-point bilinear without antialiasing. Returns 3 x h x w uint8 (``pixels`` if unchanged)."""
     size = rescaled_size(pixels.shape[-2], pixels.shape[-1], short_side, long_side)
     if size == tuple(pixels.shape[-2:]):
         return pixels
-    out = F.interpolate(pixels[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    return out.round().clamp(0, 255).to(torch.uint8)
+    import cv2  # opencv-python-headless; imported here so that image IO alone does not load it
+
+    hwc = np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy())  # H x W x 3 uint8
+    out = cv2.resize(hwc, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)  # cv2 takes (w, h)
+    return torch.from_numpy(np.ascontiguousarray(out.reshape(size[0], size[1], -1))).permute(2, 0, 1)
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -89,13 +89,65 @@ def test_rescale_rule():
     assert rescaled_size(1, 1, 336, 2048) == (336, 336)
 
 
-def test_resize_matches_bilinear_without_antialias():
-    rng = np.random.default_rng(0)
-    pixels = torch.from_numpy(rng.integers(0, 256, (3, 375, 500), dtype=np.uint8))
-    out = resize_keep_ratio(pixels, 336, 2048)
-    assert out.shape == (3, 336, 448) and out.dtype == torch.uint8
-    ref = torch.nn.functional.interpolate(pixels[None].float(), size=(336, 448), mode="bilinear", align_corners=False)
-    assert (out.float() - ref[0]).abs().max() <= 0.5
+def _mmcv_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv.rescale_size((w, h), scale) written out independently, returned as (h, w)."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (500, 333), (427, 640), (1024, 2048), (2448, 3264), (281, 500), (7, 9)])
+@pytest.mark.parametrize(("short", "long"), [(336, 2048), (448, 2048), (2048, 336)])
+def test_rescale_rule_is_mmcv(shape, short, long):
+    """mmcv takes max / min of the scale tuple, whatever its order, and rounds with int(x + 0.5)."""
+    assert rescaled_size(*shape, short, long) == _mmcv_size(*shape, (long, short))
+
+
+def _photo_like(shape, seed=0) -> np.ndarray:
+    """H x W x 3 uint8: smooth gradients, edges and noise, like photos (not only noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    base = np.stack([x / shape[1] * 255, y / shape[0] * 255, 128 + 100 * np.sin(x / 7 + y / 11)], axis=-1)
+    base[shape[0] // 3 : shape[0] // 2, shape[1] // 4 :] = (250, 20, 90)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("shape", "short"), [((375, 500), 336), ((300, 533), 448), ((900, 1200), 448), ((60, 45), 336)])
+def test_resize_is_opencv_inter_linear(shape, short):
+    """Exactly mmcv's Resize(keep_ratio=True): cv2.resize INTER_LINEAR (fixed point), up and down."""
+    import cv2
+
+    pixels = _photo_like(shape)
+    out = resize_keep_ratio(torch.from_numpy(pixels).permute(2, 0, 1), short, 2048)
+    h, w = _mmcv_size(*shape, (2048, short))
+    expected = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_LINEAR)
+    assert out.dtype == torch.uint8 and out.shape == (3, h, w)
+    np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), expected)
+    # PyTorch's float bilinear, what this replaced, is one grey level off on many values
+    torch_bilinear = torch.nn.functional.interpolate(
+        torch.from_numpy(pixels).permute(2, 0, 1)[None].float(), size=(h, w), mode="bilinear", align_corners=False
+    )[0].round().clamp(0, 255).to(torch.uint8)
+    assert (torch_bilinear != out).float().mean() > 0.01
+
+
+def test_resize_keeps_the_image_at_its_size():
+    pixels = torch.from_numpy(_photo_like((336, 448))).permute(2, 0, 1)
+    assert resize_keep_ratio(pixels, 336, 2048) is pixels
+
+
+def test_eval_loader_resizes_as_segment(tmp_path):
+    """The evaluation's worker-side resize (runner._Items) is the same OpenCV resize."""
+    import cv2
+    from test_datasets import make_dataset
+
+    from proxyclip.evaluation.datasets import SegmentationDataset
+    from proxyclip.evaluation.presets import PRESETS
+    from proxyclip.evaluation.runner import _Items
+
+    data = SegmentationDataset(PRESETS["voc21"], make_dataset(PRESETS["voc21"], tmp_path, n=1))
+    item = _Items(data, [0], 64, 2048, keep_image=True)[0]
+    image = item["image"]  # H x W x 3 uint8, as decoded
+    h, w = _mmcv_size(*image.shape[:2], (2048, 64))
+    np.testing.assert_array_equal(item["resized"], cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR))
 
 
 def test_label_png_round_trip(tmp_path):

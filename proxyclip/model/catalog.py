@@ -1,8 +1,6 @@
-"""The VFMs by name, importable without torch: the command line's choices and where weights come from.
-
-``proxyclip --help`` reads these, so this module imports nothing heavy (the CLIP names are in
-:mod:`proxyclip.model.config`). The builders themselves are ``VFM_BUILDERS`` in
-:mod:`proxyclip.model.vfm`; a test checks that they agree with the names here.
+"""Where the timm VFMs' weights come from, importable without torch (the weight check of
+:mod:`proxyclip.model.hub` runs before anything heavy). The builders are ``VFM_BUILDERS`` in
+:mod:`proxyclip.model.vfm`; a test checks that each timm builder loads the name given here.
 """
 
 from __future__ import annotations

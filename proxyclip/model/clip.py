@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 from ..errors import ProxyCLIPError, WeightsError
+from .checkpoints import load_state_dict, read_checkpoint
 from .config import CLIP_MODELS
 from .pos_embed import resize_pos_embed_with_cls
 
@@ -27,15 +28,20 @@ def load_clip(
     pretrained: str | None = "openai",
     weights: str | None = None,
     random_weights: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.nn.Module, object]:
-    """Build an open_clip model and its tokenizer, in fp32 on the CPU, in eval mode.
+    """Build an open_clip model and its tokenizer on the CPU, in eval mode.
 
     Args:
         name: open_clip architecture name, e.g. "ViT-B-16".
         pretrained: open_clip pretrained tag (it decides QuickGELU: "openai" uses it).
-        weights: a local checkpoint file (.safetensors, or a state dict loaded with
-            ``weights_only=True``) used instead of downloading the tag's weights.
+        weights: a local checkpoint file used instead of downloading the tag's weights:
+            .safetensors, a state dict (read with ``weights_only=True``), or OpenAI's own
+            TorchScript file (``ViT-B-16.pt``); see :mod:`proxyclip.model.checkpoints`.
         random_weights: build the architecture with random weights (tests and benchmarks only).
+        precision: open_clip's precision: "fp32", or "fp16" as the published runs built CLIP (linear,
+            convolution and attention weights and ``proj`` in fp16; layer norms computed in fp32;
+            class and positional embeddings fp32).
 
     Raises:
         WeightsError: the weights are not available (one line saying how to supply them).
@@ -45,10 +51,10 @@ def load_clip(
             f"unknown CLIP model {name!r}; use an open_clip ViT name such as {', '.join(CLIP_MODELS)}"
         )
     quick_gelu = _uses_quick_gelu(name, pretrained)
-    source = None if random_weights else (weights or pretrained)
+    source = None if random_weights or weights else pretrained  # a local file is read below, safely
     try:
         model = open_clip.create_model(
-            name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True
+            name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True, precision=precision
         )
     except Exception as exc:  # open_clip and huggingface_hub raise many types here
         if random_weights:
@@ -59,6 +65,8 @@ def load_clip(
             "Pass a local checkpoint with --clip-weights FILE, or put the weights in the Hugging Face "
             "cache (HF_HOME) and set HF_HUB_OFFLINE=1, or connect to the internet."
         ) from exc
+    if weights and not random_weights:  # open_clip state dict, .safetensors, or OpenAI's TorchScript file
+        load_state_dict(model, read_checkpoint(weights), f"CLIP weights file {weights} for {name}")
     if not isinstance(model.visual, VisionTransformer) or model.visual.proj is None:
         raise ProxyCLIPError(f"CLIP model {name!r} is not an open_clip ViT with a projection; use e.g. ViT-B-16")
     if model.visual.attn_pool is not None:

@@ -43,9 +43,9 @@ def resize_patch_pos_embed(
     square = pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # 1 x D x N' x N'
     if recipe == "dino":
         scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
-        out = F.interpolate(square.float(), scale_factor=scale, mode="bicubic")
+        out = F.interpolate(square, scale_factor=scale, mode="bicubic")  # in the embedding's dtype, as DINO does
     elif recipe == "exact":
-        out = F.interpolate(square.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+        out = F.interpolate(square.float(), size=tuple(grid), mode="bicubic", align_corners=False)  # MAE: fp32
     else:
         raise ValueError(f"unknown positional-embedding recipe {recipe!r}; use 'dino' or 'exact'")
     if tuple(out.shape[-2:]) != tuple(grid):

@@ -21,6 +21,7 @@ from . import clip as clip_lib
 from .config import WEIGHT_FIELDS, ProxyCLIPConfig
 from .hub import weights_available
 from .methods import Windows, get_method
+from .pixels import clip_input_constants, clip_to_vfm_input, normalise_clip_input
 from .refine import REFINERS
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
@@ -58,12 +59,6 @@ class ProxyCLIP(nn.Module):
         self.vfm = vfm  # kept whatever the method, so with_config can switch methods back and forth
         self.config = config
         self.method = get_method(config.method).build(config.options)
-        mean, std = self.clip.normalisation
-        self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(std).view(3, 1, 1), persistent=False)
-        if self.vfm is not None:
-            self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
-            self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
         # query names -> Q x E float32 CPU embeddings, least recently used first (kept apart from the
         # model's device and dtype, so that .to() / .half() after encoding need nothing else)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict() if text_cache is None else text_cache
@@ -90,7 +85,9 @@ class ProxyCLIP(nn.Module):
             clip_weights / vfm_weights: local checkpoint files instead of the hub.
             random_weights: random weights for tests and benchmarks; warns, output meaningless.
             device: e.g. "cpu", "cuda".
-            dtype: torch.float32, or float16 / bfloat16.
+            dtype: torch.float32; torch.float16 as the published runs (open_clip's mixed precision
+                for CLIP: fp16 weights, fp32 layer norms and embeddings; the VFM in fp16); or
+                torch.bfloat16 (every weight cast: faster on CPUs with AVX512-BF16/AMX).
             progress: called with a line before each model is loaded (e.g. ``print``).
 
         Raises:
@@ -102,23 +99,18 @@ class ProxyCLIP(nn.Module):
         if random_weights:
             warnings.warn("ProxyCLIP built with RANDOM weights: its output is meaningless", stacklevel=2)
         say = progress or (lambda line: None)
+        mixed = dtype == torch.float16  # the published recipe: open_clip builds CLIP in mixed precision
         with weights_available(config, clip_weights, vfm_weights, random_weights):  # all there, or one error
             say(f"loading CLIP {config.clip} ({'random weights' if random_weights else clip_weights or config.clip_pretrained})")
-            clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights)
+            clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights,
+                                                       random_weights, precision="fp16" if mixed else "fp32")
             vfm = None
             if config.needs_vfm:
                 say(f"loading VFM {config.vfm} ({'random weights' if random_weights else vfm_weights or 'hub'})")
-                vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights)
-        return cls(clip_model, tokenizer, vfm, config).to(device, dtype)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Under ``.to()``, ``.half()``, ``.cuda()`` ...: the pixel normalisation stays float32."""
-        super()._apply(fn, recurse)
-        for name in ("clip_mean", "clip_std", "vfm_mean", "vfm_std"):
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
-        return self
+                vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights).to(dtype)
+        if not mixed:
+            clip_model.to(dtype)
+        return cls(clip_model, tokenizer, vfm, config).to(device)
 
     def astype(self, dtype: torch.dtype) -> ProxyCLIP:
         """A copy whose models run in ``dtype`` (e.g. torch.bfloat16), sharing the text cache."""
@@ -141,7 +133,7 @@ class ProxyCLIP(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.clip_mean.device
+        return self.clip.visual.proj.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -169,26 +161,27 @@ class ProxyCLIP(nn.Module):
     # ---- tensor level -------------------------------------------------------------------
     def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised windows -> the same pixels normalised for the VFM (padding included)."""
-        pixels = windows * self.clip_std.to(windows.dtype) + self.clip_mean.to(windows.dtype)
-        return (pixels - self.vfm_mean.to(windows.dtype)) / self.vfm_std.to(windows.dtype)
+        clip_mean, clip_std = self.clip.normalisation
+        return clip_to_vfm_input(windows, clip_mean, clip_std, self.vfm.mean, self.vfm.std)  # as published
 
     def window_features(self, windows: torch.Tensor) -> torch.Tensor:
         """Dense CLIP features of a batch of windows, by the configured method.
 
         Args:
-            windows: N x 3 x h x w, CLIP-normalised, in the model's dtype.
+            windows: N x 3 x h x w, CLIP-normalised, float32 (the VFM's input is made from them in
+                float32, then cast, as in the published runs; CLIP gets them in its dtype).
 
         Returns:
             N x E x h' x w' unit-norm features on the method's grid (the VFM's, or CLIP's).
         """
-        batch = Windows(pixels=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
+        batch = Windows(source=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
                         to_vfm_input=self.to_vfm_input if self.vfm is not None else None)
         return F.normalize(self.method(batch), dim=1)  # N x E x h' x w'
 
     def window_logits(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """N x 3 x h x w windows -> N x Q x h x w cosine logits, resized to the window (and refined,
         if the config names a refinement)."""
-        feats = self.window_features(windows.to(self.dtype))  # N x E x h' x w'
+        feats = self.window_features(windows.float())  # N x E x h' x w'
         logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
         logits = F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
         if self.config.refine is not None:
@@ -276,13 +269,14 @@ class ProxyCLIP(nn.Module):
 
     # ---- image level --------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule)."""
+        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule, OpenCV
+        INTER_LINEAR as mmcv; normalised with the published constants, :mod:`proxyclip.model.pixels`)."""
         cfg = self.config
         pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)  # 3 x H x W uint8
         if cfg.short_side is not None:
             pixels = resize_keep_ratio(pixels, cfg.short_side, cfg.long_side)
-        pixels = pixels.to(self.device, torch.float32) / 255.0
-        return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
+        mean_255, std_255 = clip_input_constants(*self.clip.normalisation)
+        return normalise_clip_input(pixels.to(self.device), mean_255, std_255)  # 3 x h x w, as published
 
     @torch.inference_mode()
     def segment(self, image: ImageInput, classes: Classes, return_probs: bool = False) -> Segmentation:

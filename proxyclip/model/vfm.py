@@ -10,7 +10,9 @@ size (MAE, as in the published runs, whatever the crop).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from functools import partial
 
 import timm
 import torch
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError
+from .checkpoints import load_state_dict, read_checkpoint
 from .pos_embed import resize_pos_embed_with_cls
 
 
@@ -60,15 +63,16 @@ class TimmViT(nn.Module):
 
 
 class SamEncoder(nn.Module):
-    """SAM's image encoder (timm ``samvit``): every window is resized to 1024 x 1024 first."""
+    """SAM's image encoder (timm ``samvit``): every window is resized to the encoder's input size
+    (1024 x 1024 for SAM) first, as the published code calls ``image_encoder`` on it."""
 
     runs_at_window = False
 
-    def __init__(self, model: nn.Module, input_size: int = 1024):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.input_size = input_size
         self.patch_size = int(model.patch_embed.patch_size[0])
+        self.input_size = int(model.pos_embed.shape[1]) * self.patch_size  # SAM's img_size: 64 x 16 = 1024
         self.mean, self.std = _normalisation(model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,28 +82,41 @@ class SamEncoder(nn.Module):
         return self.model.forward_features(images)  # B x 256 x h x w
 
 
-def create_timm(name: str, weights: str | None, random_weights: bool, **kwargs) -> nn.Module:
+def create_timm(
+    name: str, weights: str | None, random_weights: bool, drop_keys: tuple[str, ...] = (), **kwargs
+) -> nn.Module:
     """``timm.create_model`` with pretrained weights from the hub cache or a local file.
 
+    A local file (``weights``) is read by :func:`proxyclip.model.checkpoints.read_checkpoint` (no
+    pickled code runs), mapped to timm's keys by timm's own ``checkpoint_filter_fn`` of the
+    architecture (original DINO, DINOv2, SAM and MAE files load as they are), stripped of the keys
+    starting with ``drop_keys``, and loaded strictly.
+
     Raises:
-        WeightsError: the weights are missing, with how to supply them.
+        WeightsError: the weights are missing or do not fit (naming the keys), with how to supply them.
     """
-    overlay = {"file": weights} if weights else None
+    if weights and not random_weights:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        state = read_checkpoint(weights)
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(dict(state), model)
+        state = {k: v for k, v in state.items() if not k.startswith(drop_keys)}
+        load_state_dict(model, state, f"VFM weights file {weights} for timm {name}")
+        return model.eval().requires_grad_(False)
     try:
         model = timm.create_model(
             name,
             pretrained=not random_weights,
-            pretrained_cfg_overlay=overlay,
             num_classes=0,
             **kwargs,
         )
     except Exception as exc:  # timm and huggingface_hub raise many types here
         if random_weights:
             raise
-        what = f"file {weights}" if weights else f"timm {name}"
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise WeightsError(
-            f"VFM weights {what} could not be loaded ({type(exc).__name__}: {reason}). "
+            f"VFM weights timm {name} could not be loaded ({type(exc).__name__}: {reason}). "
             "Pass a local checkpoint with --vfm-weights FILE, or put the weights in the Hugging Face "
             "cache (HF_HOME) and set HF_HUB_OFFLINE=1, or connect to the internet."
         ) from exc
@@ -113,29 +130,39 @@ def _normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ..
 
 
 def _dino(name: str) -> Callable[..., nn.Module]:
-    def build(weights: str | None = None, random_weights: bool = False) -> nn.Module:
-        model = create_timm(name, weights, random_weights, dynamic_img_size=True)
+    def build(weights: str | None = None, random_weights: bool = False, **timm_kwargs) -> nn.Module:
+        model = create_timm(name, weights, random_weights, dynamic_img_size=True, **timm_kwargs)
         return TimmViT(model, pos_recipe="dino")
 
     build.__doc__ = f"DINO ({name}): final-layer patch tokens at the window's size."
     return build
 
 
-def build_dinov2_vitb14_reg(weights: str | None = None, random_weights: bool = False) -> nn.Module:
+def build_dinov2_vitb14_reg(weights: str | None = None, random_weights: bool = False, **timm_kwargs) -> nn.Module:
     """DINOv2 ViT-B/14 with 4 registers: final-layer patch tokens at the window's size."""
-    model = create_timm("vit_base_patch14_reg4_dinov2.lvd142m", weights, random_weights, dynamic_img_size=True)
+    model = create_timm("vit_base_patch14_reg4_dinov2.lvd142m", weights, random_weights, dynamic_img_size=True,
+                        **timm_kwargs)
     return TimmViT(model, pos_recipe=None)
 
 
-def build_mae_vitb16(weights: str | None = None, random_weights: bool = False) -> nn.Module:
-    """MAE ViT-B/16: windows resized to the window size, as in the published runs."""
-    model = create_timm("vit_base_patch16_224.mae", weights, random_weights, dynamic_img_size=True)
+def build_mae_vitb16(weights: str | None = None, random_weights: bool = False, **timm_kwargs) -> nn.Module:
+    """MAE ViT-B/16: windows resized to the window size, as in the published runs.
+
+    The encoder's keys of a file are used; a decoder's (``mae_pretrain_vit_base_full.pth``) are
+    ignored, as the published code's ``load_state_dict(strict=False)`` ignores them."""
+    model = create_timm("vit_base_patch16_224.mae", weights, random_weights, drop_keys=("decoder_",),
+                        dynamic_img_size=True, **timm_kwargs)
     return TimmViT(model, pos_recipe="exact", runs_at_window=True)
 
 
-def build_sam_vitb(weights: str | None = None, random_weights: bool = False) -> nn.Module:
-    """SAM ViT-B image encoder at 1024 x 1024 (a 64 x 64 grid of 256-d features)."""
-    return SamEncoder(create_timm("samvit_base_patch16.sa1b", weights, random_weights))
+def build_sam_vitb(weights: str | None = None, random_weights: bool = False, **timm_kwargs) -> nn.Module:
+    """SAM ViT-B image encoder at 1024 x 1024 (a 64 x 64 grid of 256-d features).
+
+    Built with SAM's LayerNorm epsilon 1e-6 (segment-anything ``build_sam.py``: ``norm_layer=
+    partial(torch.nn.LayerNorm, eps=1e-6)``; timm's samvit defaults to ``nn.LayerNorm``, 1e-5). The
+    neck's ``LayerNorm2d`` is 1e-6 in both."""
+    timm_kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+    return SamEncoder(create_timm("samvit_base_patch16.sa1b", weights, random_weights, **timm_kwargs))
 
 
 # VFM name -> builder(weights=None, random_weights=False) -> nn.Module
