@@ -15,7 +15,7 @@ from conftest import TINY_CLIP, tiny_dino
 from PIL import Image
 
 from proxyclip.apps.cli import main
-from proxyclip.apps.segment import InputSpec, count_and_check
+from proxyclip.image_stream import InputSpec, count_and_check
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

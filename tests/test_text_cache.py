@@ -120,3 +120,20 @@ def test_names_longer_than_the_context_are_named_in_a_warning(cache):
         tiny_model().encode_classes(["sky", "a " * 50 + "cat"])  # 52 tokens + template: fits, no warning
     with pytest.warns(UserWarning, match="word0"):  # read from the disk cache: still said
         tiny_model().encode_classes(["sky", long_name, near])
+
+
+def test_command_line_uses_the_cache_unless_told_not_to(cache, tmp_path, monkeypatch):
+    from conftest import TINY_CLIP
+    from PIL import Image
+
+    from proxyclip.apps.cli import main
+    from proxyclip.model.vfm import VFM_BUILDERS
+
+    monkeypatch.setitem(VFM_BUILDERS, "dino_vits16", lambda **kwargs: __import__("conftest").tiny_dino())
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    args = ["segment", str(tmp_path / "a.png"), "--classes", "cat, dog", "--clip", TINY_CLIP, "--vfm", "dino_vits16",
+            "--random-weights", "--window", "112", "--stride", "56", "--workers", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "o1"), "--no-text-cache"]) == 0
+    assert not cache.exists()
+    assert main([*args, "--out", str(tmp_path / "o2")]) == 0
+    assert len(list(cache.glob("*.safetensors"))) == 1

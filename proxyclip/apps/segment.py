@@ -16,14 +16,11 @@ one photo to millions.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
-from array import array
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import OutputError, ProxyCLIPError
@@ -40,171 +37,6 @@ from .options import (
     say,
 )
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-
-
-# ---- inputs ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Input:
-    """One image to segment and the name of its outputs."""
-
-    path: str  # the file to read
-    key: str  # output name relative to the output folder, without suffix, e.g. "street/0001"
-
-
-def _safe_key(path: str) -> str:
-    """An output name that stays inside the output folder: no root, no "." or ".." parts, no suffix.
-
-    Plain string operations: pathlib would intern every part of a million paths for good.
-    """
-    parts = [p for p in os.path.splitdrive(path)[1].split(os.sep) if p not in ("", ".", "..")]
-    if not parts:
-        return "_"
-    parts[-1] = os.path.splitext(parts[-1])[0] or parts[-1]
-    return "/".join(parts)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the command line names: files and folders, list files, recursion. Iterating it streams
-    :class:`Input` items in a fixed order (sorted folder listings), the same in every process."""
-
-    items: tuple[str, ...] = ()
-    lists: tuple[str, ...] = ()
-    recursive: bool = False
-    exclude: str | None = None  # a folder never descended into (the output folder)
-
-    def __iter__(self) -> Iterator[Input]:
-        for item in self.items:
-            path = Path(item)
-            if path.is_dir():
-                found = False
-                for found_input in self._walk(path, path):
-                    found = True
-                    yield found_input
-                if not found:
-                    where = "or its sub-folders " if self.recursive else ""
-                    hint = "" if self.recursive else " (add --recursive for sub-folders)"
-                    raise ProxyCLIPError(f"folder {path} {where}holds no image files "
-                                         f"({', '.join(sorted(IMAGE_SUFFIXES))}){hint}")
-            else:
-                yield Input(item, _safe_key(os.path.basename(item)))
-        for list_file in self.lists:
-            yield from self._read_list(Path(list_file))
-
-    def _walk(self, root: Path, folder: Path) -> Iterator[Input]:
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            raise ProxyCLIPError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
-        for entry in entries:
-            if entry.name.startswith("."):  # hidden files, and our own temporary .part files
-                continue
-            if entry.is_dir():
-                if self.recursive and not (self.exclude and os.path.realpath(entry.path) == self.exclude):
-                    yield from self._walk(root, Path(entry.path))
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                yield Input(entry.path, _safe_key(os.path.relpath(entry.path, root)))
-
-    @staticmethod
-    def _read_list(list_file: Path) -> Iterator[Input]:
-        """Paths one a line (blank lines and lines starting with # skipped), relative to the list's folder."""
-        try:
-            fh = open(list_file, encoding="utf-8")
-        except OSError as exc:
-            raise ProxyCLIPError(f"cannot read list file {list_file}: {exc.strerror or exc}") from None
-        folder = os.path.dirname(list_file)
-        with fh:
-            for line in fh:
-                entry = line.rstrip("\r\n")
-                if not entry.strip() or entry.lstrip().startswith("#"):
-                    continue
-                yield Input(os.path.join(folder, entry), _safe_key(entry))  # an absolute entry stays as it is
-
-
-def _key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def count_and_check(spec: InputSpec) -> int:
-    """The number of images ``spec`` names, after checking that no two write the same outputs.
-
-    Holds 8 bytes per image (a hash of its output name), not the paths.
-
-    Raises:
-        ProxyCLIPError: no images, an empty folder, an unreadable list, or two images with one output name.
-    """
-    hashes = array("Q")
-    for item in spec:
-        hashes.append(_key_hash(item.key))
-    if not hashes:
-        raise ProxyCLIPError("no images given: name image files or folders, or --list FILE")
-    import numpy as np
-
-    ordered = np.sort(np.frombuffer(hashes, dtype=np.uint64))
-    clashes = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
-    if clashes:
-        seen: dict[int, str] = {}
-        for item in spec:
-            h = _key_hash(item.key)
-            if h in clashes:
-                if h in seen:
-                    raise ProxyCLIPError(f"{seen[h]} and {item.path} would write the same output names ({item.key}.*); "
-                                         "rename one, or segment them in separate runs or into another --out")
-                seen[h] = item.path
-    return len(hashes)
-
-
-def output_paths(out: Path, key: str, args: argparse.Namespace) -> dict[str, Path]:
-    """The files one image gets, by kind."""
-    paths = {"labels": out / f"{key}.png"}
-    if not args.no_overlay:
-        paths["overlay"] = out / f"{key}_overlay.png"
-    if args.save_probs:
-        paths["probs"] = out / f"{key}_probs.npy"
-    if args.save_json:
-        paths["json"] = out / f"{key}.json"
-    return paths
-
-
-# ---- reading in background workers ------------------------------------------------------------------
-
-def _images_dataset(spec: InputSpec, args: argparse.Namespace, rank: int, world: int, short_side: int | None,
-                    long_side: int):
-    """A torch IterableDataset over this process's images: read and resized, or marked as skipped."""
-    import torch
-
-    from ..loading import read_resized
-
-    class Images(torch.utils.data.IterableDataset):
-        def __iter__(self) -> Iterator[dict]:
-            info = torch.utils.data.get_worker_info()
-            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-            mine = 0
-            for index, item in enumerate(spec):
-                if index % world != rank:
-                    continue
-                mine += 1
-                if (mine - 1) % workers != worker:
-                    continue
-                yield self.read(index, item)
-
-        @staticmethod
-        def read(index: int, item: Input) -> dict:
-            record = {"index": index, "input": item}
-            if not args.overwrite and all(p.exists() for p in output_paths(args.out, item.key, args).values()):
-                return {**record, "skipped": True}
-            try:
-                image, resized = read_resized(item.path, short_side, long_side)
-            except ProxyCLIPError as exc:
-                return {**record, "error": str(exc)}
-            return {**record, "image": image if not args.no_overlay else None, "size": image.shape[:2],
-                    "resized": resized}
-
-    return Images()
-
-
 # ---- outputs --------------------------------------------------------------------------------------
 
 def coco_masks(labels, names: Sequence[str]) -> list[dict]:
@@ -220,6 +52,12 @@ def coco_masks(labels, names: Sequence[str]) -> list[dict]:
         out.append({"index": c, "name": names[c], "area": area, "fraction": area / labels.size,
                     "rle": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}})
     return out
+
+
+def output_kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    """The outputs each image gets (keys of :data:`proxyclip.image_stream.OUTPUT_SUFFIXES`)."""
+    wanted = {"labels": True, "overlay": not args.no_overlay, "probs": args.save_probs, "json": args.save_json}
+    return tuple(kind for kind, on in wanted.items() if on)
 
 
 def _pycocotools_mask():
@@ -301,6 +139,7 @@ def add_segment_parser(sub) -> None:
 def run_segment(args: argparse.Namespace) -> int:
     from ..classes import parse_classes, read_class_file
     from ..evaluation.distributed import init_distributed
+    from ..image_stream import ImageStream, InputSpec, count_and_check, output_paths
     from ..images import classes_by_area, label_image, overlay_image, write_atomically
     from ..loading import make_loader
     from ..progress import CountBar
@@ -323,7 +162,10 @@ def run_segment(args: argparse.Namespace) -> int:
         ensure_writable_dir(args.out)
         text = model.encode_classes(classes, CountBar("encoding class names", "name", disable=args.no_progress))
         cfg = model.config
-        dataset = _images_dataset(spec, args, dist.rank, dist.world, cfg.short_side, cfg.long_side)
+        kinds = output_kinds(args)
+        dataset = ImageStream(spec, args.out, kinds, overwrite=args.overwrite, short_side=cfg.short_side,
+                              long_side=cfg.long_side, keep_image=not args.no_overlay, rank=dist.rank,
+                              world=dist.world)
         loader = make_loader(dataset, min(args.workers, max(mine - 1, 0)))
         normalise = model.with_config(short_side=None)  # the workers resized already
         names = classes.display_names
@@ -351,7 +193,7 @@ def run_segment(args: argparse.Namespace) -> int:
             shared = (time.perf_counter() - start) / len(pending)
             for it, logits in zip(pending, all_logits):
                 start = time.perf_counter()
-                paths = output_paths(args.out, it["input"].key, args)
+                paths = output_paths(args.out, it["input"].key, kinds)
                 labels, probs = model.classify_at_size(logits, tuple(it["size"]), classes, args.save_probs)
                 files: dict[Path, object] = {paths["labels"]: label_image(labels, len(classes))}
                 if "overlay" in paths:
@@ -372,7 +214,7 @@ def run_segment(args: argparse.Namespace) -> int:
         try:
             for item in loader:
                 if item.get("skipped"):
-                    paths = output_paths(args.out, item["input"].key, args).values()
+                    paths = output_paths(args.out, item["input"].key, kinds).values()
                     finish(item, "skipped", outputs=[str(p.relative_to(args.out)) for p in paths])
                 elif "error" in item:
                     tqdm.write(f"proxyclip: error: {item['error']}", file=sys.stderr)
