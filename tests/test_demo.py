@@ -198,7 +198,7 @@ def test_run_applies_the_settings(app):
     with pytest.raises(ProxyCLIPError, match="stride 224 is larger than the window 112"):
         app.run(HOUSE, CUSTOM, "sky, grass", settings(app, window=112, stride=224))
     with pytest.raises(DemoInputError, match="unknown method"):
-        app.run(HOUSE, CUSTOM, "sky, grass", settings(app, method="sclip"))
+        app.run(HOUSE, CUSTOM, "sky, grass", settings(app, method="no-such-method"))
     with pytest.raises(DemoInputError, match="unknown CLIP"):
         app.run(HOUSE, CUSTOM, "sky, grass", settings(app, clip="ViT-G-14"))
     with pytest.raises(ImageError, match="no image"):

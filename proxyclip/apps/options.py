@@ -22,7 +22,11 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 GENERAL_SETTINGS = {
     "window": (int, "sliding-window size in pixels"),
     "stride": (int, "sliding-window stride in pixels"),
+    "pad_multiple": (int, "windows smaller than --window are zero-padded up to a multiple of this many pixels "
+                          "(1: run as they are)"),
     "bg_threshold": (float, "pixels whose top class probability is below this become class 0, the first class (0: off)"),
+    "area_threshold": (float, "classes other than class 0 that win at most this fraction of the pixels not "
+                              "given to class 0 are dropped from the image (SCLIP's area_thd; 0: off)"),
     "logit_scale": (float, "multiplies the cosine logits before the softmax over the class names"),
     "short_side": (int, "resize images so their short side is this many pixels, long side at most --long-side; "
                         "0 keeps the size"),
@@ -96,13 +100,19 @@ def add_inference_args(parser: argparse.ArgumentParser, per_dataset: tuple[str, 
 
     defaults = {f.name: f.default for f in fields(ProxyCLIPConfig)}
     g = parser.add_argument_group("inference settings")
+    def by_method(name: str) -> str:  # the methods whose published settings differ from the default
+        own = [f"{method} {spec.settings[name]}" for method, spec in METHODS.items() if name in spec.settings]
+        return f"; {', '.join(own)}" if own else ""
+
     for name, (kind, text) in GENERAL_SETTINGS.items():
-        shown = PER_DATASET_HELP if name in per_dataset else defaults[name]
+        shown = PER_DATASET_HELP if name in per_dataset else f"{defaults[name]}{by_method(name)}"
         g.add_argument(_flag(name), type=kind, default=None, help=f"{text} (default: {shown})")
     from ..model.refine import REFINERS
 
-    g.add_argument("--refine", default=None, choices=sorted(REFINERS) or None,
-                   help="post-processing of each window's logits, for any method (default: none)")
+    g.add_argument("--refine", default=None, choices=["none", *sorted(REFINERS)],
+                   help="post-processing of each image's logits at the output size, for any method: pamr (PAMR, "
+                        "10 iterations, dilations 8 and 16, as NACLIP's published runs) or none "
+                        f"(default: none{by_method('refine')})")
     m = parser.add_argument_group("method options (each applies to the methods that name it)")
     options: dict[str, dict] = {}  # option name -> {help, choices, type, defaults by method}
     for method, spec in METHODS.items():

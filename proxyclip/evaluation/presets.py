@@ -21,7 +21,7 @@ from ..errors import ProxyCLIPError
 from ..model.config import ProxyCLIPConfig
 
 # The inference settings a dataset's protocol decides (the rest belongs to the method or the user).
-DATASET_SETTINGS = ("window", "stride", "short_side", "long_side", "bg_threshold")
+DATASET_SETTINGS = ("window", "stride", "short_side", "long_side", "bg_threshold", "logit_scale", "area_threshold")
 
 LABEL_DTYPES = ("uint8", "uint16")
 PROTOCOLS = ("method", "dataset")  # whose per-dataset settings win: the method's published ones, or the preset's

@@ -284,7 +284,9 @@ class Scorer:
         if not items:
             return
         images = [self.normalise.preprocess(it["resized"]) for it in items]
-        for item, logits in zip(items, self.model.predict_logits_batch(images, self.text)):  # Q x h x w each
+        # a refinement (PAMR) runs at the original size, as published; otherwise classify_at_size resizes
+        sizes = [tuple(it["label"].shape) for it in items] if self.model.config.refine else None
+        for item, logits in zip(items, self.model.predict_logits_batch(images, self.text, sizes)):  # Q x h x w each
             self._score_one(item, logits)
 
     def _score_one(self, item: dict, logits: torch.Tensor) -> None:

@@ -110,6 +110,17 @@ class Block:
         attn = self.module.attn
         return F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
 
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """B x L x D -> B x H x L x D/H, the heads as the attention cuts them (head-major along D)."""
+        b, n, d = x.shape
+        return x.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)  # B x H x L x d
+
+    @staticmethod
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        """B x H x L x d -> B x L x H*d, the inverse of :meth:`split_heads`."""
+        b, h, n, d = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * d)  # B x L x D
+
     def out_proj(self, x: torch.Tensor) -> torch.Tensor:
         """The attention's output projection, B x L x D -> B x L x D."""
         return self.module.attn.out_proj(x)

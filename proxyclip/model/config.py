@@ -48,14 +48,17 @@ class ProxyCLIPConfig:
     pad_multiple: int = 56  # windows smaller than `window` are padded to a multiple of this
     logit_scale: float = 40.0  # multiplies the cosine logits before the softmax over queries
     bg_threshold: float = 0.0  # pixels whose top probability is below become class 0
+    area_threshold: float = 0.0  # classes 1.. predicted on at most this fraction of the non-class-0 pixels are dropped (SCLIP's area_thd)
     short_side: int | None = 336  # resize so the short side is this (None: no resizing) ...
     long_side: int = 2048  # ... unless the long side would exceed this
-    refine: str | None = None  # post-processing of each window's logits: a key of REFINERS, e.g. "pamr"
+    refine: str | None = None  # post-processing of each image's logits: a key of REFINERS, e.g. "pamr"
     window_batch: int = 16  # most windows per forward pass (memory, not results)
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
         object.__setattr__(self, "clip_pretrained", default_pretrained(self.clip, self.clip_pretrained))
+        if self.refine in ("", "none"):  # the command line's way to turn a method's refinement off
+            object.__setattr__(self, "refine", None)
         if self.options is None:
             object.__setattr__(self, "options", spec.default_options())
         elif not isinstance(self.options, spec.options):
@@ -67,6 +70,8 @@ class ProxyCLIPConfig:
             raise ProxyCLIPError(f"stride {self.stride} is larger than the window {self.window}: pixels would be skipped")
         if not 0.0 <= self.bg_threshold <= 1.0:
             raise ProxyCLIPError(f"background threshold {self.bg_threshold} must lie in [0, 1]")
+        if not 0.0 <= self.area_threshold <= 1.0:
+            raise ProxyCLIPError(f"area threshold {self.area_threshold} must lie in [0, 1]")
         if self.short_side is not None and (self.short_side <= 0 or self.long_side <= 0):
             raise ProxyCLIPError("short and long side must be positive")
         if self.logit_scale <= 0:

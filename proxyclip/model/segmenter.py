@@ -22,7 +22,7 @@ from .config import WEIGHT_FIELDS, ProxyCLIPConfig
 from .hub import weights_available
 from .methods import Windows, get_method
 from .pixels import clip_input_constants, clip_to_vfm_input, normalise_clip_input
-from .refine import REFINERS
+from .refine import REFINERS, refine_image_logits
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
 
@@ -179,14 +179,10 @@ class ProxyCLIP(nn.Module):
         return F.normalize(self.method(batch), dim=1)  # N x E x h' x w'
 
     def window_logits(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """N x 3 x h x w windows -> N x Q x h x w cosine logits, resized to the window (and refined,
-        if the config names a refinement)."""
+        """N x 3 x h x w windows -> N x Q x h x w cosine logits, resized to the window."""
         feats = self.window_features(windows.float())  # N x E x h' x w'
         logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
-        logits = F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
-        if self.config.refine is not None:
-            logits = REFINERS[self.config.refine](windows, logits)
-        return logits
+        return F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.inference_mode()
     def predict_logits(
@@ -222,7 +218,8 @@ class ProxyCLIP(nn.Module):
             out_sizes: per image, the size to resize its logits to, or None.
 
         Returns:
-            For each image, Q x H0_i x W0_i float32 logits; equal to one image at a time.
+            For each image, Q x H0_i x W0_i float32 logits; equal to one image at a time. A refinement
+            (``config.refine``) runs on them at that size, with the image resized to it (as published).
         """
         cfg = self.config
         # Window logits are Q x window x window each: with a large vocabulary (ADE847) fewer windows
@@ -239,20 +236,27 @@ class ProxyCLIP(nn.Module):
             batch_size=batch,
         )  # [Q x H_i x W_i]
         out_sizes = out_sizes or [None] * len(images)
-        return [
-            logits if size is None or tuple(size) == tuple(logits.shape[-2:])
-            else F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-            for logits, size in zip(all_logits, out_sizes)
-        ]
+        out = []
+        for image, logits, size in zip(images, all_logits, out_sizes):
+            if size is not None and tuple(size) != tuple(logits.shape[-2:]):
+                logits = F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+            if cfg.refine is not None:
+                logits = refine_image_logits(cfg.refine, image.to(self.device), logits)  # Q x H0 x W0
+            out.append(logits)
+        return out
 
-    def classify(self, logits: torch.Tensor, classes: Classes) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify(self, logits: torch.Tensor, classes: Classes,
+                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Cosine logits -> labels and class probabilities.
 
         Softmax of ``logit_scale * logits`` over the queries; a class's probability is the max
-        over its names; argmax; pixels whose top probability is below ``bg_threshold`` get 0.
+        over its names; with ``area_threshold``, classes 1.. that win too few pixels get probability 0
+        (see :meth:`kept_classes`); argmax; pixels whose top probability is below ``bg_threshold`` get 0.
 
         Args:
             logits: Q x H x W.
+            keep: C booleans, the classes :meth:`kept_classes` keeps (computed from ``logits`` if the
+                area threshold is on and none are given: pass them when ``logits`` is part of an image).
 
         Returns:
             labels (H x W int64) and probabilities (C x H x W float32).
@@ -262,10 +266,27 @@ class ProxyCLIP(nn.Module):
         if len(class_list.queries) != len(class_list):
             bounds = np.cumsum([0] + [len(names) for names in class_list.names])
             probs = torch.stack([probs[a:b].amax(dim=0) for a, b in zip(bounds[:-1], bounds[1:])])  # C x H x W
+        if keep is None and self.config.area_threshold > 0:
+            keep = self.kept_classes(probs.argmax(dim=0).flatten().bincount(minlength=len(class_list)))
+        if keep is not None:
+            probs = probs * keep.to(probs.device, probs.dtype).view(-1, 1, 1)  # C x H x W
         top, labels = probs.max(dim=0)  # H x W each
         if self.config.bg_threshold > 0:
             labels[top < self.config.bg_threshold] = 0
         return labels, probs
+
+    def kept_classes(self, areas: torch.Tensor) -> torch.Tensor:
+        """SCLIP's area filter (``area_thd``, clip_segmentor.py ``postprocess_result``): class 0 and every
+        class whose argmax area is more than ``area_threshold`` times the area of all classes but 0.
+
+        Args:
+            areas: C int64 pixel counts of the argmax of the class probabilities.
+
+        Returns:
+            C booleans.
+        """
+        keep = areas[1:] > self.config.area_threshold * areas[1:].sum()
+        return torch.cat([keep.new_ones(1), keep])
 
     # ---- image level --------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -294,7 +315,8 @@ class ProxyCLIP(nn.Module):
         class_list = make_class_list(classes)
         pixels = load_image(image)
         text = self.encode_classes(class_list)
-        logits = self.predict_logits(self.preprocess(pixels), text)  # Q x h x w, at the resized size
+        refine_at = pixels.shape[:2] if self.config.refine else None  # a refinement runs at the original size
+        logits = self.predict_logits(self.preprocess(pixels), text, refine_at)  # Q x h x w (resized) or H x W
         labels, probs = self.classify_at_size(logits, pixels.shape[:2], class_list, return_probs)
         return Segmentation(labels, probs, class_list)
 
@@ -308,7 +330,8 @@ class ProxyCLIP(nn.Module):
         class_list = make_class_list(classes)
         pixels = [load_image(image) for image in images]
         text = self.encode_classes(class_list)
-        logits = self.predict_logits_batch([self.preprocess(p) for p in pixels], text)  # [Q x h_i x w_i]
+        refine_at = [p.shape[:2] for p in pixels] if self.config.refine else None  # refined at the original size
+        logits = self.predict_logits_batch([self.preprocess(p) for p in pixels], text, refine_at)  # [Q x h_i x w_i]
         out = []
         for image_pixels, image_logits in zip(pixels, logits):
             labels, probs = self.classify_at_size(image_logits, image_pixels.shape[:2], class_list, return_probs)
@@ -338,9 +361,17 @@ class ProxyCLIP(nn.Module):
         labels = np.empty((height, width), dtype=label_dtype(len(class_list)))  # uint8 up to 256 classes
         probs = np.empty((len(class_list), height, width), dtype=np.float32) if return_probs else None
         rows = max(1, self.band_elements // max(1, logits.shape[0] * width))
+        keep = None
+        if self.config.area_threshold > 0:  # a first pass counts each class's argmax area over the image
+            areas = torch.zeros(len(class_list), dtype=torch.int64, device=logits.device)
+            for top in range(0, height, rows):
+                band_probs = self.classify(resize_rows(logits, (height, width), top, min(top + rows, height)),
+                                           class_list, keep=torch.ones(len(class_list), dtype=torch.bool))[1]
+                areas += band_probs.argmax(dim=0).flatten().bincount(minlength=len(class_list))
+            keep = self.kept_classes(areas)
         for top in range(0, height, rows):
             band = resize_rows(logits, (height, width), top, min(top + rows, height))  # Q x n x W
-            band_labels, band_probs = self.classify(band, class_list)
+            band_labels, band_probs = self.classify(band, class_list, keep)
             labels[top : top + rows] = band_labels.cpu().numpy()
             if probs is not None:
                 probs[:, top : top + rows] = band_probs.cpu().numpy()

@@ -18,8 +18,9 @@ What comes next plugs in here without a redesign:
   ``vfm_features()`` (e.g. ``masks()``). Masks depend on the window only, so they batch like
   features.
 - **Post-processing refinement** (PAMR, as SCLIP's and NACLIP's published rows use): a function
-  in ``proxyclip.model.refine.REFINERS`` applied by the segmenter to each window's logits with the
-  window's pixels (``ProxyCLIPConfig.refine``), for any method.
+  in ``proxyclip.model.refine.REFINERS`` applied by the segmenter to each image's averaged logits
+  at the output size with the image's pixels, as published (``ProxyCLIPConfig.refine``), for any
+  method; a method's published runs turn it on through ``MethodSpec.settings`` (NACLIP).
 - **Several scales or a splice of windows** (Trident): a method may implement
   ``image_logits(segmenter, image, text)``; the segmenter then calls it for the whole image
   instead of its sliding windows, and the method uses the segmenter's window machinery
