@@ -3,7 +3,9 @@
 ProxyCLIP's published runs resize CLIP's and DINO's embeddings with the original DINO recipe
 (bicubic, no antialiasing, ``scale_factor = (n + 0.1) / N``); MAE's with its own recipe (bicubic
 to the exact size, no antialiasing). open_clip's and timm's own resizers antialias, which gives
-different numbers, so the two recipes live here.
+different numbers, so the recipes live here. Other methods' published code resizes CLIP's
+embedding its own way: GEM with timm's ``resample_abs_pos_embed`` ("antialias": bicubic to the
+exact size, antialiased), CLIPSurgery bilinearly ("bilinear": to the exact size, no antialiasing).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+
+# recipe -> (interpolation mode, antialias) of the recipes that resize to the exact grid
+POS_RECIPES = {"exact": ("bicubic", False), "antialias": ("bicubic", True), "bilinear": ("bilinear", False)}
 
 
 def _square_grid(pos: torch.Tensor) -> int:
@@ -30,8 +36,10 @@ def resize_patch_pos_embed(
         pos: N x D embedding of a square grid of N patches (no class token).
         grid: (rows, cols) of the new grid.
         recipe: "dino" (bicubic with ``scale_factor = (n + 0.1) / sqrt(N)``, as DINO and the
-            published ProxyCLIP do) or "exact" (bicubic to ``grid``, as MAE does); neither
-            antialiases.
+            published ProxyCLIP do), "exact" (bicubic to ``grid``, as MAE does), "antialias"
+            (bicubic to ``grid`` with antialiasing, as GEM does) or "bilinear" (bilinear to
+            ``grid``, as CLIPSurgery does); only "antialias" antialiases (which matters only
+            when the grid shrinks).
 
     Returns:
         rows*cols x D embedding in row-major order; ``pos`` itself when the grid is unchanged.
@@ -44,10 +52,11 @@ def resize_patch_pos_embed(
     if recipe == "dino":
         scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
         out = F.interpolate(square.float(), scale_factor=scale, mode="bicubic")
-    elif recipe == "exact":
-        out = F.interpolate(square.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    elif recipe in POS_RECIPES:
+        mode, antialias = POS_RECIPES[recipe]
+        out = F.interpolate(square.float(), size=tuple(grid), mode=mode, align_corners=False, antialias=antialias)
     else:
-        raise ValueError(f"unknown positional-embedding recipe {recipe!r}; use 'dino' or 'exact'")
+        raise ValueError(f"unknown positional-embedding recipe {recipe!r}; use 'dino' or one of {', '.join(POS_RECIPES)}")
     if tuple(out.shape[-2:]) != tuple(grid):
         raise AssertionError(f"resized grid {tuple(out.shape[-2:])} != requested {tuple(grid)}")
     return out.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], dim)  # L x D

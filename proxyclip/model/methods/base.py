@@ -77,15 +77,20 @@ class Windows:
     to_vfm_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     _vfm_features: torch.Tensor | None = field(default=None, repr=False)
 
+    def vfm_pixels(self) -> torch.Tensor:
+        """N x 3 x h x w: the windows as the VFM takes them (normalised for it; MAE: resized to
+        the protocol's window size)."""
+        if self.vfm is None or self.to_vfm_input is None:
+            raise ValueError("this method needs a VFM, but none was built")
+        pixels = self.to_vfm_input(self.pixels)  # N x 3 x h x w
+        if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
+            pixels = F.interpolate(pixels, size=(self.window, self.window), mode="bilinear", align_corners=False)
+        return pixels
+
     def vfm_features(self) -> torch.Tensor:
         """N x C x h' x w' final-layer patch features of the VFM (computed once per batch)."""
         if self._vfm_features is None:
-            if self.vfm is None or self.to_vfm_input is None:
-                raise ValueError("this method needs a VFM, but none was built")
-            pixels = self.to_vfm_input(self.pixels)  # N x 3 x h x w
-            if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
-                pixels = F.interpolate(pixels, size=(self.window, self.window), mode="bilinear", align_corners=False)
-            self._vfm_features = self.vfm(pixels)
+            self._vfm_features = self.vfm(self.vfm_pixels())
         return self._vfm_features
 
 
