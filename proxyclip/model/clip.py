@@ -252,9 +252,11 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_queries(
-    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8
+    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8,
+    extra_templates: Sequence[str] = (),
 ) -> torch.Tensor:
-    """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates.
+    """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates (and ``extra_templates``,
+    format strings with ``{}`` for the name, after them).
 
     Each template's embedding is l2-normalised, averaged over templates and normalised again,
     as open_clip's ``build_zero_shot_classifier`` does.
@@ -262,7 +264,7 @@ def encode_queries(
     Returns:
         Q x E float32, rows of unit norm.
     """
-    templates = open_clip.OPENAI_IMAGENET_TEMPLATES
+    templates = [*open_clip.OPENAI_IMAGENET_TEMPLATES, *(t.format for t in extra_templates)]
     out = []
     for start in range(0, len(queries), batch):
         names = queries[start : start + batch]

@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 # recipe -> (interpolation mode, antialias) of the recipes that resize to the exact grid
 POS_RECIPES = {"exact": ("bicubic", False), "antialias": ("bicubic", True), "bilinear": ("bilinear", False)}
 

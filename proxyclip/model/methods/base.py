@@ -29,6 +29,10 @@ class Method(Protocol):
         segmenter normalises them), on the method's grid (CLIP's, or the VFM's)."""
         ...
 
+    # Optional: ``logits(windows, text) -> N x Q x h x w`` for a method that classifies its own way
+    # (CLIPSurgery's feature surgery); the segmenter then calls it instead of taking the cosine
+    # of the normalised embeddings with the Q x E unit-norm text embeddings.
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -50,6 +54,9 @@ class MethodSpec:
     source: str = ""  # where the defaults come from (published code, paper)
     settings: Mapping[str, Any] = field(default_factory=dict)
     dataset_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # prompts ("{}" = the class name) the method's published text side adds to the 80 OpenAI
+    # ImageNet templates, e.g. CLIPSurgery's 5 scene prompts
+    extra_templates: tuple[str, ...] = ()
 
     def default_options(self) -> Any:
         return self.options()
