@@ -50,19 +50,24 @@ class ProxyCLIPClipOptions:
             raise ProxyCLIPError(f"unknown similarity {self.similarity!r}; use one of {', '.join(SIMILARITIES)}")
 
 
-def clip_proxy_attention(q: torch.Tensor, k: torch.Tensor, similarity: str, beta: float, gamma: float) -> torch.Tensor:
-    """Eqs. 4-8 with CLIP's own embeddings as the tokens.
+def clip_proxy_similarity(q: torch.Tensor, k: torch.Tensor, similarity: str, beta: float, gamma: float) -> torch.Tensor:
+    """Eqs. 4 and 6 with CLIP's own embeddings as the tokens: the normalised similarity A.
 
     Args:
         q, k: N x L x D last-block queries and keys of the patches (heads concatenated).
-        similarity: "q-q", "k-k" or "q-k".
+        similarity: "q-q", "k-k" or "q-k" (A is symmetric for the first two).
 
     Returns:
-        N x L x L float32 attention, rows sum to 1, one for all heads.
+        N x L x L float32.
     """
     a, b = {"q-q": (q, None), "k-k": (k, None), "q-k": (q, k)}[similarity]
     sim = cosine_similarity(a.transpose(1, 2), None if b is None else b.transpose(1, 2))  # N x L x L
-    return masked_softmax(shift_and_scale(sim, beta, gamma))
+    return shift_and_scale(sim, beta, gamma)
+
+
+def clip_proxy_attention(q: torch.Tensor, k: torch.Tensor, similarity: str, beta: float, gamma: float) -> torch.Tensor:
+    """Eqs. 4-8 with CLIP's own embeddings: N x L x L attention, rows sum to 1, one for all heads."""
+    return masked_softmax(clip_proxy_similarity(q, k, similarity, beta, gamma))
 
 
 def build(options: ProxyCLIPClipOptions):
