@@ -199,3 +199,22 @@ def test_fullsize_vfm_last_attention(name, grid):
 
 def test_tiny_clip_is_what_the_oracle_expects():
     assert tiny_clip()[0].visual.transformer.batch_first  # clip_qkv_maps runs blocks batch first
+
+
+@pytest.mark.parametrize("extra", [["--method", "gem", "--gem-depth", "3", "--gem-residual", "drop"],
+                                   ["--method", "clipsurgery", "--feature-surgery", "off"],
+                                   ["--method", "clipsurgery"],
+                                   ["--method", "proxyclip_clip", "--similarity", "k-k", "--beta", "1.0"]])
+def test_methods_run_through_the_command_line(extra, tmp_path):
+    import numpy as np
+    from conftest import TINY_CLIP
+    from PIL import Image
+
+    from proxyclip.apps.cli import main
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert main(["segment", str(tmp_path / "a.png"), "--classes", "sky, dog, cat", "--out", str(tmp_path / "o"),
+                 "--window", "112", "--stride", "56", "--short-side", "0", "--clip", TINY_CLIP, "--clip-pretrained", "",
+                 "--random-weights", "--device", "cpu", *extra]) == 0
+    labels = np.asarray(Image.open(tmp_path / "o" / "a.png"))
+    assert labels.shape == (40, 60) and labels.max() < 3
