@@ -17,7 +17,6 @@ from proxyclip.errors import ProxyCLIPError
 from proxyclip.model.clip import ClipAdapter
 from proxyclip.model.methods import METHODS, MethodSpec, Windows, register_method
 
-
 # ---- a toy method, written as a user would: one spec, one builder --------------------------------
 
 @dataclass(frozen=True)
@@ -215,8 +214,41 @@ def test_adapter_sizes():
 def test_every_method_gives_unit_features_on_its_grid():
     torch.manual_seed(0)
     windows = torch.randn(2, 3, 112, 112)
-    for name, spec in METHODS.items():
+    for name in METHODS:
         feats = tiny_model(method=name).window_features(windows)
         assert feats.dim() == 4 and feats.shape[0] == 2, name
         torch.testing.assert_close(feats.norm(dim=1), torch.ones_like(feats[:, 0]), msg=name)
         assert not F.normalize(feats, dim=1).isnan().any(), name
+
+
+# ---- half precision as published ------------------------------------------------------------------------
+
+def test_fp16_follows_the_published_mixed_precision():
+    from proxyclip import ProxyCLIP
+
+    config = ProxyCLIPConfig.create(clip=TINY_CLIP, clip_pretrained="", vfm="dino_vits16", window=112, stride=56,
+                                    short_side=None)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        model = ProxyCLIP.build(config, random_weights=True, dtype=torch.float16)
+    visual = model.clip_model.visual
+    # open_clip's precision="fp16": linear/conv/attention weights and proj in fp16; norms and embeddings fp32
+    assert visual.conv1.weight.dtype == visual.proj.dtype == visual.transformer.resblocks[0].attn.in_proj_weight.dtype
+    assert visual.proj.dtype == torch.float16 and model.dtype == torch.float16
+    assert visual.ln_post.weight.dtype == visual.positional_embedding.dtype == visual.class_embedding.dtype == torch.float32
+    assert type(visual.ln_post).__name__ == "LayerNormFp32"
+    assert all(p.dtype == torch.float16 for p in model.vfm.parameters())  # the VFM: .half(), as published
+    assert model.clip_mean.dtype == model.vfm_mean.dtype == torch.float32
+
+
+def test_vfm_input_is_renormalised_in_fp32_then_cast(monkeypatch):
+    model = tiny_model()
+    seen = {}
+    original = model.to_vfm_input
+
+    def spy(pixels):
+        seen["dtype"] = pixels.dtype
+        return original(pixels)
+
+    monkeypatch.setattr(model, "to_vfm_input", spy)
+    model.to(torch.bfloat16).window_features(torch.randn(1, 3, 112, 112))
+    assert seen["dtype"] == torch.float32

@@ -419,8 +419,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 def add_bench_parser(sub) -> None:
     """Register ``proxyclip bench`` on the CLI's sub-parsers."""
     from ..model.config import ProxyCLIPConfig
-    from ..model.vfm import VFM_BUILDERS
-    from .options import PRECISIONS
+    from .options import PRECISIONS, vfm_key
 
     p = sub.add_parser(
         "bench",
@@ -438,8 +437,9 @@ def add_bench_parser(sub) -> None:
                    help="window batch sizes to time; 1 is always included (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default: %(default)s)")
     p.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported (default: %(default)s)")
-    p.add_argument("--window", type=int, default=336, help="window size in pixels (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=112, help="sliding-window stride of the whole-image row (default: %(default)s)")
+    p.add_argument("--window", type=int, default=ProxyCLIPConfig().window, help="window size in pixels (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=ProxyCLIPConfig().stride,
+                   help="sliding-window stride of the whole-image row (default: %(default)s)")
     p.add_argument("--queries", type=int, default=21, help="number of text queries (default: %(default)s, VOC21)")
     p.add_argument("--matmul-size", type=int, default=4096,
                    help="n of the n x n matmul giving the device's practical peak FLOP/s (default: %(default)s)")
@@ -452,7 +452,7 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--clip-pretrained", default=None, metavar="TAG",
                    help="open_clip pretrained tag (default: the paper's for --clip, e.g. openai)")
     g.add_argument("--clip-weights", default=None, metavar="FILE", help="local CLIP checkpoint instead of the hub")
-    g.add_argument("--vfm", default=ProxyCLIPConfig().vfm, choices=sorted(VFM_BUILDERS),
+    g.add_argument("--vfm", default=ProxyCLIPConfig().vfm, type=vfm_key, metavar="NAME",
                    help="VFM of the rows that name none, and of the whole-image row (default: %(default)s)")
     g.add_argument("--random-weights", action="store_true",
                    help="RANDOM weights of the real architectures; required offline (the hub cannot be reached), "

@@ -253,10 +253,10 @@ class Settings:
 
     clip: str
     vfm: str
-    method: str = "proxyclip"
-    bg_threshold: float = 0.0
-    window: int = 336
-    stride: int = 112
+    method: str
+    bg_threshold: float
+    window: int
+    stride: int
     compare: bool = False  # run every method and show them side by side
     options: Mapping[str, Any] = field(default_factory=dict)  # method options by name, for the methods that take them
 
@@ -313,7 +313,8 @@ class DemoApp:
     @property
     def defaults(self) -> Settings:
         cfg = self.store.base.config
-        return Settings(clip=cfg.clip, vfm=cfg.vfm, bg_threshold=cfg.bg_threshold, window=cfg.window,
+        return Settings(clip=cfg.clip, vfm=cfg.vfm, method=self.default_method, bg_threshold=cfg.bg_threshold,
+                        window=cfg.window,
                         stride=cfg.stride, options={k: v["default"] for k, v in method_options().items()})
 
     def resolve_classes(self, preset: str | None, text: str | None) -> tuple[ClassList, tuple[str, ...]]:
@@ -600,12 +601,10 @@ def _clip_spec(text: str) -> tuple[str, str | None, str | None]:
 
 def _vfm_spec(text: str) -> tuple[str, str | None]:
     """NAME[=FILE] -> (name, file)."""
-    from ..model.vfm import VFM_BUILDERS
+    from .options import vfm_key
 
     name, _, weights = text.partition("=")
-    if name not in VFM_BUILDERS:
-        raise argparse.ArgumentTypeError(f"unknown VFM {name!r}; choose one of {', '.join(sorted(VFM_BUILDERS))}")
-    return name, weights or None
+    return vfm_key(name), weights or None
 
 
 def add_demo_parser(sub) -> None:

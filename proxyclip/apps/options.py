@@ -38,7 +38,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options that choose the models, their weights and the method (shared by every sub-command)."""
     from ..model.config import CLIP_MODELS, ProxyCLIPConfig
     from ..model.methods import METHODS
-    from ..model.vfm import VFM_BUILDERS
 
     default = ProxyCLIPConfig()
     g = parser.add_argument_group("models and weights")
@@ -49,8 +48,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{tag} for {name}" for name, tag in CLIP_MODELS.items()) + ", else openai)")
     g.add_argument("--clip-weights", default=None, metavar="FILE",
                    help="local CLIP checkpoint (.safetensors or a state dict) instead of downloading the tag's weights")
-    g.add_argument("--vfm", default=default.vfm, choices=sorted(VFM_BUILDERS),
-                   help="vision foundation model, for the methods that use one (default: %(default)s)")
+    g.add_argument("--vfm", default=default.vfm, type=vfm_key, metavar="NAME",
+                   help="vision foundation model, for the methods that use one: a key of VFM_BUILDERS, "
+                        "e.g. dino_vitb8, dino_vitb16, dinov2_vitb14_reg, sam_vitb, mae_vitb16 (default: %(default)s)")
     g.add_argument("--vfm-weights", default=None, metavar="FILE",
                    help="local VFM checkpoint (timm format, .safetensors or a state dict) instead of the hub")
     g.add_argument("--method", default=default.method, choices=list(METHODS), metavar="METHOD",
@@ -64,6 +64,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="model precision; fp16 needs CUDA, bf16 runs on CUDA and recent CPUs (default: %(default)s)")
+
+
+def vfm_key(name: str) -> str:
+    """``--vfm``'s type: a key of VFM_BUILDERS (checked when given, so that --help imports no torch)."""
+    from ..model.vfm import VFM_BUILDERS
+
+    if name not in VFM_BUILDERS:
+        raise argparse.ArgumentTypeError(f"unknown VFM {name!r}; choose one of {', '.join(VFM_BUILDERS)}")
+    return name
 
 
 def add_inference_args(parser: argparse.ArgumentParser, per_dataset: tuple[str, ...] = ()) -> None:

@@ -27,8 +27,9 @@ def load_clip(
     pretrained: str | None = "openai",
     weights: str | None = None,
     random_weights: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.nn.Module, object]:
-    """Build an open_clip model and its tokenizer, in fp32 on the CPU, in eval mode.
+    """Build an open_clip model and its tokenizer on the CPU, in eval mode.
 
     Args:
         name: open_clip architecture name, e.g. "ViT-B-16".
@@ -36,6 +37,9 @@ def load_clip(
         weights: a local checkpoint file (.safetensors, or a state dict loaded with
             ``weights_only=True``) used instead of downloading the tag's weights.
         random_weights: build the architecture with random weights (tests and benchmarks only).
+        precision: open_clip's precision: "fp32", or "fp16" as the published runs built CLIP (linear,
+            convolution and attention weights and ``proj`` in fp16; layer norms computed in fp32;
+            class and positional embeddings fp32).
 
     Raises:
         WeightsError: the weights are not available (one line saying how to supply them).
@@ -48,7 +52,7 @@ def load_clip(
     source = None if random_weights else (weights or pretrained)
     try:
         model = open_clip.create_model(
-            name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True
+            name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True, precision=precision
         )
     except Exception as exc:  # open_clip and huggingface_hub raise many types here
         if random_weights:

@@ -15,8 +15,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-# recipe -> (interpolation mode, antialias) of the recipes that resize to the exact grid
-POS_RECIPES = {"exact": ("bicubic", False), "antialias": ("bicubic", True), "bilinear": ("bilinear", False)}
+# recipe -> (interpolation mode, antialias, in the embedding's own dtype (else fp32)) of the recipes
+# that resize to the exact grid: MAE's in fp32; GEM's and CLIPSurgery's in the model's dtype
+POS_RECIPES = {
+    "exact": ("bicubic", False, False),
+    "antialias": ("bicubic", True, True),
+    "bilinear": ("bilinear", False, True),
+}
 
 
 def _square_grid(pos: torch.Tensor) -> int:
@@ -50,10 +55,11 @@ def resize_patch_pos_embed(
     square = pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # 1 x D x N' x N'
     if recipe == "dino":
         scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
-        out = F.interpolate(square.float(), scale_factor=scale, mode="bicubic")
+        out = F.interpolate(square, scale_factor=scale, mode="bicubic")  # in the embedding's dtype, as DINO does
     elif recipe in POS_RECIPES:
-        mode, antialias = POS_RECIPES[recipe]
-        out = F.interpolate(square.float(), size=tuple(grid), mode=mode, align_corners=False, antialias=antialias)
+        mode, antialias, own_dtype = POS_RECIPES[recipe]
+        out = F.interpolate(square if own_dtype else square.float(), size=tuple(grid), mode=mode,
+                            align_corners=False, antialias=antialias)
     else:
         raise ValueError(f"unknown positional-embedding recipe {recipe!r}; use 'dino' or one of {', '.join(POS_RECIPES)}")
     if tuple(out.shape[-2:]) != tuple(grid):

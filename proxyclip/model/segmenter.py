@@ -87,18 +87,24 @@ class ProxyCLIP(nn.Module):
             clip_weights / vfm_weights: local checkpoint files instead of the hub.
             random_weights: random weights for tests and benchmarks; warns, output meaningless.
             device: e.g. "cpu", "cuda".
-            dtype: torch.float32, or float16 / bfloat16.
+            dtype: torch.float32; torch.float16 as the published runs (open_clip's mixed precision
+                for CLIP: fp16 weights, fp32 layer norms and embeddings; the VFM in fp16); or
+                torch.bfloat16 (every weight cast: faster on CPUs with AVX512-BF16/AMX).
         """
         config = config or ProxyCLIPConfig()
         if config.needs_vfm and config.vfm not in VFM_BUILDERS:
             raise ProxyCLIPError(f"unknown VFM {config.vfm!r}; choose one of {', '.join(VFM_BUILDERS)}")
         if random_weights:
             warnings.warn("ProxyCLIP built with RANDOM weights: its output is meaningless", stacklevel=2)
-        clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights)
+        mixed = dtype == torch.float16  # the published recipe: open_clip builds CLIP in mixed precision
+        clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights,
+                                                   precision="fp16" if mixed else "fp32")
         vfm = None
         if config.needs_vfm:
-            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights)
-        return cls(clip_model, tokenizer, vfm, config).to(device, dtype)
+            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights).to(dtype)
+        if not mixed:
+            clip_model.to(dtype)
+        return cls(clip_model, tokenizer, vfm, config).to(device)
 
     def _apply(self, fn, recurse: bool = True):
         """Under ``.to()``, ``.half()``, ``.cuda()`` ...: the pixel normalisation stays float32."""
@@ -173,7 +179,8 @@ class ProxyCLIP(nn.Module):
         """Dense CLIP features of a batch of windows, by the configured method.
 
         Args:
-            windows: N x 3 x h x w, CLIP-normalised, in the model's dtype.
+            windows: N x 3 x h x w, CLIP-normalised, float32 (the VFM's input is made from them in
+                float32, then cast, as in the published runs; CLIP gets them in its dtype).
 
         Returns:
             N x E x h' x w' unit-norm features on the method's grid (the VFM's, or CLIP's).
@@ -181,7 +188,7 @@ class ProxyCLIP(nn.Module):
         return F.normalize(self.method(self._windows(windows)), dim=1)  # N x E x h' x w'
 
     def _windows(self, windows: torch.Tensor) -> Windows:
-        return Windows(pixels=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
+        return Windows(source=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
                        to_vfm_input=self.to_vfm_input if self.vfm is not None else None)
 
     def window_logits(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -189,9 +196,9 @@ class ProxyCLIP(nn.Module):
         if the config names a refinement)."""
         own_logits = getattr(self.method, "logits", None)  # a method that classifies its own way
         if own_logits is not None:
-            logits = own_logits(self._windows(windows.to(self.dtype)), text.to(self.dtype))  # N x Q x h' x w'
+            logits = own_logits(self._windows(windows.float()), text)  # N x Q x h' x w'
         else:
-            feats = self.window_features(windows.to(self.dtype))  # N x E x h' x w'
+            feats = self.window_features(windows.float())  # N x E x h' x w'
             logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
         logits = F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
         if self.config.refine is not None:

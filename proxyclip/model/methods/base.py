@@ -70,26 +70,33 @@ class Windows:
     """A batch of windows and the models a method may read.
 
     Attributes:
-        pixels: N x 3 x h x w, CLIP-normalised, in the model's dtype.
+        source: N x 3 x h x w, CLIP-normalised, float32; ``pixels`` is the same in CLIP's dtype.
         clip: the CLIP adapter.
         vfm: the VFM module, or None for methods without one.
         window: the protocol's window size in pixels (MAE runs at it, whatever the crop).
         to_vfm_input: CLIP-normalised pixels -> pixels normalised for the VFM.
     """
 
-    pixels: torch.Tensor
+    source: torch.Tensor
     clip: ClipAdapter
     vfm: torch.nn.Module | None = None
     window: int = 336
     to_vfm_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     _vfm_features: torch.Tensor | None = field(default=None, repr=False)
 
+    @property
+    def pixels(self) -> torch.Tensor:
+        """N x 3 x h x w, CLIP-normalised, in CLIP's dtype."""
+        return self.source.to(self.clip.dtype)
+
     def vfm_pixels(self) -> torch.Tensor:
         """N x 3 x h x w: the windows as the VFM takes them (normalised for it; MAE: resized to
-        the protocol's window size)."""
+        the protocol's window size), in the VFM's dtype."""
         if self.vfm is None or self.to_vfm_input is None:
             raise ValueError("this method needs a VFM, but none was built")
-        pixels = self.to_vfm_input(self.pixels)  # N x 3 x h x w
+        # re-normalised in float32, then cast to the VFM's dtype, as the published runs do
+        pixels = self.to_vfm_input(self.source.float())  # N x 3 x h x w
+        pixels = pixels.to(next((p.dtype for p in self.vfm.parameters()), pixels.dtype))
         if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
             pixels = F.interpolate(pixels, size=(self.window, self.window), mode="bilinear", align_corners=False)
         return pixels
