@@ -58,8 +58,11 @@ def resize_patch_pos_embed(
         out = F.interpolate(square, scale_factor=scale, mode="bicubic")  # in the embedding's dtype, as DINO does
     elif recipe in POS_RECIPES:
         mode, antialias, own_dtype = POS_RECIPES[recipe]
-        out = F.interpolate(square if own_dtype else square.float(), size=tuple(grid), mode=mode,
-                            align_corners=False, antialias=antialias)
+        source = square if own_dtype else square.float()
+        try:
+            out = F.interpolate(source, size=tuple(grid), mode=mode, align_corners=False, antialias=antialias)
+        except NotImplementedError:  # e.g. antialiased bicubic in bfloat16 on the CPU: in float32
+            out = F.interpolate(source.float(), size=tuple(grid), mode=mode, align_corners=False, antialias=antialias)
     else:
         raise ValueError(f"unknown positional-embedding recipe {recipe!r}; use 'dino' or one of {', '.join(POS_RECIPES)}")
     if tuple(out.shape[-2:]) != tuple(grid):
