@@ -164,7 +164,7 @@ def test_vfm_attn_variant_pools_clips_values_with_the_vfms_attention():
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 196))
     from proxyclip.model.methods.base import Windows
 
-    batch = Windows(pixels=windows, clip=model.clip)
+    batch = Windows(source=windows, clip=model.clip)
     v = F.interpolate(last_block_values(batch), size=(14, 14), mode="bilinear", align_corners=False)  # 2 x D x 14 x 14
     z = model.clip.project(model.clip.block(-1).out_proj(attn @ v.flatten(2).transpose(1, 2)))  # 2 x 196 x E
     torch.testing.assert_close(ours, F.normalize(z, dim=-1).transpose(1, 2).reshape(2, -1, 14, 14), atol=1e-5, rtol=1e-5)

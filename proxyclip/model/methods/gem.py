@@ -25,6 +25,9 @@ size, images resized to a short side of 448, background thresholds VOC21 0.5, Co
 COCO-Object 0.4. Those are GEM's ``settings`` and ``dataset_settings`` here. ClearCLIP runs GEM
 with ``ignore_residual=True`` (its ``base_config.py``): the GEM path then keeps only the last
 block's self-self attention; ``--gem-residual drop`` reproduces that, the default keeps GEM's own.
+ClearCLIP's class-name files equal the presets' except for the background of VOC21 and
+COCO-Object, which ClearCLIP queries with the single name "background" (the presets, as ProxyCLIP,
+with a list of stuff names); the presets' names are used.
 
 Differences from the published code, outside its cases: with a CLIP of fewer than
 ``gem_depth - 1`` blocks the path runs through all of them (the published code fails); the last
