@@ -83,15 +83,19 @@ class TimmViT(nn.Module):
         p = self.patch_size
         images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]
         m = self.model
-        if self.pos_recipe is None:  # as timm's forward_intermediates
-            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))  # B x (P + hw) x C
+        if self.pos_recipe is None:  # timm's own tokens, as forward: the output of the last block but one
+            if len(m.blocks) < 2:
+                raise ValueError("last_attention needs a VFM of two blocks or more")
+            spatial, prefix_tokens = m.forward_intermediates(
+                images, indices=[len(m.blocks) - 2], return_prefix_tokens=True, norm=False, output_fmt="NLC",
+                intermediates_only=True, stop_early=True)[0]  # B x hw x C, B x P x C
+            x = torch.cat([prefix_tokens, spatial], dim=1)  # B x (P + hw) x C
         else:  # as forward
             x = m.patch_embed(images)  # B x h x w x C
             b, h, w, c = x.shape
             x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)  # B x (1+hw) x C
             x = x + resize_pos_embed_with_cls(m.pos_embed[0], (h, w), self.pos_recipe).to(x.dtype)
-            x = m.norm_pre(m.pos_drop(x))
-        x = m.blocks[:-1](x)  # B x (P + hw) x C
+            x = m.blocks[:-1](m.norm_pre(m.pos_drop(x)))  # B x (1 + hw) x C
         block = m.blocks[-1]
         attn = block.attn
         y = block.norm1(x)
