@@ -217,7 +217,7 @@ def warn_too_long(tokenizer: object, queries: Sequence[str], templates: Sequence
 
 
 def encode_cached(model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str,
-                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                  progress: Callable[[int, int], None] | None = None, extra_templates: Sequence[str] = ()) -> torch.Tensor:
     """:func:`proxyclip.model.clip.encode_queries`, read from the disk cache when it holds them.
 
     Returns:
@@ -227,7 +227,7 @@ def encode_cached(model: torch.nn.Module, tokenizer: object, queries: Sequence[s
 
     from .model.clip import encode_queries
 
-    templates = open_clip.OPENAI_IMAGENET_TEMPLATES  # the templates encode_queries uses
+    templates = (*open_clip.OPENAI_IMAGENET_TEMPLATES, *(t.format for t in extra_templates))  # as encode_queries
     warn_too_long(tokenizer, queries, templates)
     folder = cache_dir()
     path = None
@@ -236,7 +236,7 @@ def encode_cached(model: torch.nn.Module, tokenizer: object, queries: Sequence[s
         emb = load(path, queries)
         if emb is not None:
             return emb.to(device)
-    emb = encode_queries(model, tokenizer, queries, device, progress=progress)
+    emb = encode_queries(model, tokenizer, queries, device, progress=progress, extra_templates=extra_templates)
     if path is not None:
         store(path, queries, emb)
     return emb

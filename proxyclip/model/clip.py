@@ -196,15 +196,17 @@ class ClipAdapter:
         """Block ``index`` (negative counts from the last)."""
         return self._blocks[index]
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, pos_recipe: str = "dino") -> torch.Tensor:
         """Patch embedding, class token, positional embedding and ``ln_pre``.
 
         Args:
             images: B x 3 x H x W, CLIP-normalised.
+            pos_recipe: how the positional embedding is resized to the patch grid: the DINO
+                recipe of ProxyCLIP's published code, or another method's (see
+                :mod:`proxyclip.model.pos_embed`).
 
         Returns:
-            B x (1 + h*w) x D tokens. The positional embedding is resized with the DINO recipe
-            (see :mod:`proxyclip.model.pos_embed`).
+            B x (1 + h*w) x D tokens.
         """
         visual = self.visual
         x = visual.conv1(images)  # B x D x h x w
@@ -212,7 +214,7 @@ class ClipAdapter:
         x = x.flatten(2).transpose(1, 2)  # B x hw x D
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # B x 1 x D
         x = torch.cat([cls, x], dim=1)  # B x (1 + hw) x D
-        x = x + resize_pos_embed_with_cls(visual.positional_embedding, grid).to(x.dtype)
+        x = x + resize_pos_embed_with_cls(visual.positional_embedding, grid, pos_recipe).to(x.dtype)
         return visual.ln_pre(visual.patch_dropout(x))
 
     def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -271,8 +273,10 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def encode_queries(
     model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    extra_templates: Sequence[str] = (),
 ) -> torch.Tensor:
-    """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates.
+    """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates (and ``extra_templates``,
+    format strings with ``{}`` for the name, after them).
 
     Each template's embedding is l2-normalised, averaged over templates and normalised again,
     as open_clip's ``build_zero_shot_classifier`` does. ``progress(done, total)`` is called after
@@ -281,7 +285,7 @@ def encode_queries(
     Returns:
         Q x E float32, rows of unit norm.
     """
-    templates = open_clip.OPENAI_IMAGENET_TEMPLATES
+    templates = [*open_clip.OPENAI_IMAGENET_TEMPLATES, *(t.format for t in extra_templates)]
     out = []
     for start in range(0, len(queries), batch):
         names = queries[start : start + batch]

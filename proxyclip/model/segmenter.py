@@ -140,23 +140,32 @@ class ProxyCLIP(nn.Module):
         return self.clip.dtype
 
     # ---- text ---------------------------------------------------------------------------
+    def _text_key(self, classes: Classes) -> tuple:
+        """The text cache's key: the query names (and the method's extra templates, if any)."""
+        queries = make_class_list(classes).queries
+        extra = get_method(self.config.method).extra_templates
+        return (queries, extra) if extra else queries
+
     def is_encoded(self, classes: Classes) -> bool:
         """Whether :meth:`encode_classes` has these names cached (it then costs nothing)."""
-        return make_class_list(classes).queries in self._text_cache
+        return self._text_key(classes) in self._text_cache
 
     def encode_classes(self, classes: Classes, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Q x E unit-norm text embeddings of every query name, on the model's device and in its
-        dtype; cached per list of names, in memory and on disk (:mod:`proxyclip.text_cache`).
-        ``progress(done, total)`` follows an encoding of names."""
-        queries = make_class_list(classes).queries
+        dtype; cached per list of names (and the method's templates), in memory and on disk
+        (:mod:`proxyclip.text_cache`). ``progress(done, total)`` follows an encoding of names."""
+        key = self._text_key(classes)
         cache = self._text_cache
-        if queries in cache:
-            cache.move_to_end(queries)
+        if key in cache:
+            cache.move_to_end(key)
         else:
-            cache[queries] = encode_cached(self.clip_model, self.tokenizer, queries, self.device, progress).float().cpu()
+            queries = make_class_list(classes).queries
+            extra = get_method(self.config.method).extra_templates
+            cache[key] = encode_cached(self.clip_model, self.tokenizer, queries, self.device, progress,
+                                       extra_templates=extra).float().cpu()
             while len(cache) > self.text_cache_size:
                 cache.popitem(last=False)
-        return cache[queries].to(self.device, self.dtype)
+        return cache[key].to(self.device, self.dtype)
 
     # ---- tensor level -------------------------------------------------------------------
     def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:
@@ -174,14 +183,20 @@ class ProxyCLIP(nn.Module):
         Returns:
             N x E x h' x w' unit-norm features on the method's grid (the VFM's, or CLIP's).
         """
-        batch = Windows(source=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
-                        to_vfm_input=self.to_vfm_input if self.vfm is not None else None)
-        return F.normalize(self.method(batch), dim=1)  # N x E x h' x w'
+        return F.normalize(self.method(self._windows(windows)), dim=1)  # N x E x h' x w'
+
+    def _windows(self, windows: torch.Tensor) -> Windows:
+        return Windows(source=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
+                       to_vfm_input=self.to_vfm_input if self.vfm is not None else None)
 
     def window_logits(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """N x 3 x h x w windows -> N x Q x h x w cosine logits, resized to the window."""
-        feats = self.window_features(windows.float())  # N x E x h' x w'
-        logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
+        own_logits = getattr(self.method, "logits", None)  # a method that classifies its own way
+        if own_logits is not None:
+            logits = own_logits(self._windows(windows.float()), text)  # N x Q x h' x w'
+        else:
+            feats = self.window_features(windows.float())  # N x E x h' x w'
+            logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
         return F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.inference_mode()

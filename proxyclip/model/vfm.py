@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import WeightsError
+from .attention import mean_head_attention
 from .checkpoints import load_state_dict, read_checkpoint
 from .pos_embed import resize_pos_embed_with_cls
 
@@ -61,6 +62,52 @@ class TimmViT(nn.Module):
         x = m.norm(m.blocks(m.norm_pre(m.pos_drop(x))))  # B x (1+hw) x C
         return x[:, 1:].transpose(1, 2).reshape(b, c, h, w)  # B x C x h x w
 
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) patch grid of the features and attention of B x 3 x H x W images."""
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+
+    def last_attention(self, images: torch.Tensor, prefix: bool = False) -> torch.Tensor:
+        """The last block's own self-attention, averaged over heads (Table 4, lower half).
+
+        ``mean_h softmax(q_h k_h^T / sqrt(d))`` with q, k of the last block (after ``norm1`` and
+        any q/k norm), the tokens entering it computed exactly as :meth:`forward` does. The
+        class and register tokens are dropped from the queries and keys before the softmax (the
+        published ProxyCLIP code, which reads DINO's last-block q and k through a hook, drops the
+        class token from them), so each row is a distribution over the patches.
+
+        Args:
+            images: B x 3 x H x W, normalised for this VFM.
+            prefix: keep the class and register tokens (first rows and columns): the attention
+                exactly as the block runs it.
+
+        Returns:
+            B x L x L float32 (L = h * w, row-major patches; L + prefix tokens with ``prefix``).
+        """
+        p = self.patch_size
+        images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]
+        m = self.model
+        if self.pos_recipe is None:  # timm's own tokens, as forward: the output of the last block but one
+            if len(m.blocks) < 2:
+                raise ValueError("last_attention needs a VFM of two blocks or more")
+            spatial, prefix_tokens = m.forward_intermediates(
+                images, indices=[len(m.blocks) - 2], return_prefix_tokens=True, norm=False, output_fmt="NLC",
+                intermediates_only=True, stop_early=True)[0]  # B x hw x C, B x P x C
+            x = torch.cat([prefix_tokens, spatial], dim=1)  # B x (P + hw) x C
+        else:  # as forward
+            x = m.patch_embed(images)  # B x h x w x C
+            b, h, w, c = x.shape
+            x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)  # B x (1+hw) x C
+            x = x + resize_pos_embed_with_cls(m.pos_embed[0], (h, w), self.pos_recipe).to(x.dtype)
+            x = m.blocks[:-1](m.norm_pre(m.pos_drop(x)))  # B x (1 + hw) x C
+        block = m.blocks[-1]
+        attn = block.attn
+        y = block.norm1(x)
+        b, n, c = y.shape
+        q, k, _ = attn.qkv(y).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # B x H x N x d
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        start = 0 if prefix else m.num_prefix_tokens
+        return mean_head_attention(q[:, :, start:], k[:, :, start:], attn.scale)  # B x L x L
+
 
 class SamEncoder(nn.Module):
     """SAM's image encoder (timm ``samvit``): every window is resized to the encoder's input size
@@ -80,6 +127,52 @@ class SamEncoder(nn.Module):
         size = (self.input_size, self.input_size)
         images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return self.model.forward_features(images)  # B x 256 x h x w
+
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) patch grid of the features and attention (fixed: the input is resized)."""
+        return self.input_size // self.patch_size, self.input_size // self.patch_size
+
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's own self-attention, averaged over heads (Table 4, lower half).
+
+        ``mean_h softmax(q_h k_h^T / sqrt(d) + rel_h)``: SAM's last block attends globally (SAM
+        ViT-B's global blocks are 2, 5, 8 and 11; the others attend within 14 x 14 windows), with
+        its decomposed relative-position bias (timm's ``get_decomposed_rel_pos_bias``, SAM's
+        ``add_decomposed_rel_pos``). SAM has no class token.
+
+        Args:
+            images: B x 3 x H x W, normalised for SAM (resized to ``input_size`` here).
+
+        Returns:
+            B x L x L float32, L = 64 * 64 patches at 1024 x 1024, row-major.
+
+        Raises:
+            ValueError: the last block attends within windows (not SAM's layout).
+        """
+        from timm.layers import resample_abs_pos_embed_nhwc
+        from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+        size = (self.input_size, self.input_size)
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        m = self.model
+        x = m.patch_embed(images)  # B x h x w x C
+        if m.pos_embed is not None:  # as timm's forward_features
+            x = x + resample_abs_pos_embed_nhwc(m.pos_embed, x.shape[1:3])
+        x = m.blocks[:-1](m.norm_pre(m.patch_drop(m.pos_drop(x))))  # B x h x w x C
+        block = m.blocks[-1]
+        if block.window_size > 0:
+            raise ValueError("the last SAM block attends within windows; its attention is not one L x L matrix")
+        attn = block.attn
+        y = block.norm1(x)
+        b, h, w, c = y.shape
+        qkv = attn.qkv(y.reshape(b, h * w, c)).reshape(b, h * w, 3, attn.num_heads, -1)  # B x N x 3 x H x d
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x N x d
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = None
+        if attn.use_rel_pos:
+            def bias(head: int) -> torch.Tensor:  # B x N x N, from the head's unscaled queries
+                return get_decomposed_rel_pos_bias(q[:, head], attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+        return mean_head_attention(q, k, attn.scale, bias)  # B x N x N
 
 
 def create_timm(
