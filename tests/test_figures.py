@@ -18,6 +18,7 @@ from proxyclip.apps.cli import main
 from proxyclip.evaluation import figures
 from proxyclip.evaluation.datasets import SegmentationDataset
 from proxyclip.evaluation.presets import PRESETS
+from proxyclip.model.pixels import clip_input_constants, normalise_clip_input
 from proxyclip.model.vfm import VFM_BUILDERS
 
 RANDOM_TINY = ["--clip", TINY_CLIP, "--clip-pretrained", "", "--random-weights", "--device", "cpu"]
@@ -140,7 +141,7 @@ def test_fig1_numbers_equal_sklearn_on_the_same_pairs(tmp_path, coco):
         image = torch.nn.functional.interpolate(image, size=(64, 64), mode="bilinear", align_corners=False)
         label = torch.from_numpy(data_set.read_label(sample.label))[None, None].float()
         label = torch.nn.functional.interpolate(label, size=(64, 64), mode="nearest")[0, 0].long().numpy()
-        pixels = (image - base.clip_mean) / base.clip_std
+        pixels = normalise_clip_input(image * 255, *clip_input_constants(*base.clip.normalisation))
         valid, positive = figures.pair_examples(figures.patch_labels(label, (4, 4), 255, 171))
         for name, value in figures.clip_attention_scores(base.clip, pixels).items():
             s, y = pairs.setdefault(f"CLIP {name}", ([], []))

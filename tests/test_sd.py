@@ -58,7 +58,7 @@ def test_proxyclip_with_the_sd_vfm_segments(tiny_sd, monkeypatch):
     image = np.random.default_rng(0).integers(0, 256, (56, 100, 3), dtype=np.uint8)
     result = model.segment(image, ["cat", "dog", "sky"])
     assert result.labels.shape == (56, 100) and set(np.unique(result.labels)) <= {0, 1, 2}
-    torch.testing.assert_close(model.vfm_mean, torch.full((3, 1, 1), 0.5))  # SD's pixels in [-1, 1]
+    assert tuple(model.vfm.mean) == (0.5, 0.5, 0.5)  # SD's pixels in [-1, 1]
 
 
 def test_weights_from_a_diffusers_folder(tiny_sd, tmp_path):

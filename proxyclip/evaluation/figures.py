@@ -222,6 +222,7 @@ def make_fig1(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
     from ..images import load_image
     from ..model.config import ProxyCLIPConfig
     from ..model.methods import Windows
+    from ..model.pixels import clip_input_constants, normalise_clip_input
     from ..model.segmenter import ProxyCLIP
     from ..model.vfm import VFM_BUILDERS
 
@@ -249,7 +250,7 @@ def make_fig1(spec: Mapping[str, Any], dataset, ctx, out: Path, *, device, dtype
         label = dataset.read_label(sample.label)
         label = torch.from_numpy(label)[None, None].float()
         label = F.interpolate(label, size=(size, size), mode="nearest")[0, 0].long().numpy()  # size x size
-        pixels = (image.to(device) - base.clip_mean) / base.clip_std  # 1 x 3 x s x s, float32
+        pixels = normalise_clip_input(image.to(device) * 255, *clip_input_constants(*base.clip.normalisation))  # 1 x 3 x s x s
         grid = base.clip.grid(pixels)
         valid, positive = pair_examples(patch_labels(label, grid, dataset.ignore_index, num_classes))
         for name, value in clip_attention_scores(base.clip, pixels.to(base.clip.dtype), scores).items():
@@ -517,7 +518,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ProxyCLIPError("the figures need matplotlib: pip install 'proxyclip[figures]'") from None
+        raise ProxyCLIPError("the figures need matplotlib (a dependency of proxyclip): pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
