@@ -45,7 +45,8 @@ def read_resized(path: str | Path, short_side: int | None, long_side: int) -> tu
     image = load_image(path)  # H x W x 3 uint8
     if short_side is None:
         return image, image
-    resized = resize_keep_ratio(torch.tensor(image).permute(2, 0, 1), short_side, long_side)  # 3 x h x w
+    pixels = torch.from_numpy(image).permute(2, 0, 1)  # 3 x H x W uint8, not copied (load_image's array is writable)
+    resized = resize_keep_ratio(pixels, short_side, long_side)  # 3 x h x w
     return image, resized.permute(1, 2, 0).numpy()  # h x w x 3 uint8
 
 

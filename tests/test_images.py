@@ -263,22 +263,24 @@ def test_overlay_blends_a_band_at_a_time():
     assert np.array_equal(np.asarray(out)[rows, :4000], expected.round().astype(np.uint8))
 
 
-def test_resize_converts_one_channel_at_a_time(monkeypatch):
+def test_resize_reads_the_image_in_place(monkeypatch):
+    """No full-size copy: the 3 x H x W view of an H x W x 3 array goes to OpenCV as the array itself (uint8)."""
+    import cv2
+
     rng = np.random.default_rng(0)
-    pixels = torch.from_numpy(rng.integers(0, 256, (3, 1500, 1000), dtype=np.uint8))
-    expected = torch.nn.functional.interpolate(pixels[None].float(), size=(504, 336), mode="bilinear",
-                                               align_corners=False)[0].round().to(torch.uint8)
-    sizes = []
-    interpolate = torch.nn.functional.interpolate
+    hwc = rng.integers(0, 256, (1500, 1000, 3), dtype=np.uint8)
+    seen = []
+    resize = cv2.resize
 
-    def spy(x, *args, **kwargs):
-        sizes.append(x.numel())
-        return interpolate(x, *args, **kwargs)
+    def spy(src, *args, **kwargs):
+        seen.append(src)
+        return resize(src, *args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
-    out = resize_keep_ratio(pixels, 336, 2048)
-    assert torch.equal(out, expected)  # bit for bit the values of resizing all channels at once
-    assert max(sizes) <= 1500 * 1000  # the float copy is one channel, not three
+    monkeypatch.setattr(cv2, "resize", spy)
+    out = resize_keep_ratio(torch.from_numpy(hwc).permute(2, 0, 1), 336, 2048)
+    assert out.shape == (3, 504, 336) and out.dtype == torch.uint8
+    assert len(seen) == 1 and seen[0].dtype == np.uint8 and np.shares_memory(seen[0], hwc)  # no float or uint8 copy
+    assert np.array_equal(out.permute(1, 2, 0).numpy(), resize(hwc, (336, 504), interpolation=cv2.INTER_LINEAR))
 
 
 def test_label_dtype_is_the_smallest_that_holds_the_classes():
