@@ -238,7 +238,7 @@ def test_fullsize_segment_matches_published(clip: str, kind: str, tmp_path: Path
     pixels = np.random.default_rng(7).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     pixels[:, :150] //= 3
     classes = [["cat"], ["grass"]]
-    result = model.segment(pixels, classes)
+    result = model.segment(pixels, classes, return_probs=True)
     labels, probs = ref.segment(model, pixels, classes, originals.published(kind, checkpoint, 12))
     assert np.abs(result.probs - probs.numpy()).max() < 5e-5
     assert probs.std() > 1e-3  # (labels may flip where two probabilities are within ~1e-6)
