@@ -1,6 +1,7 @@
 """Self-self attention (CLIPSurgery's v-v attention, GEM's q-q, k-k and v-v attention), as pure functions.
 
-Notation: B windows, H heads, L tokens (class token first), d channels per head, D = H * d.
+Notation: B windows, H heads, L tokens (class token first), d channels per head, D = H * d
+(heads split and merged by :class:`proxyclip.model.clip.Block`).
 
     CLIPSurgery:  out = softmax(v v^T * d^-1/2) v                               (one pass, no norm)
     GEM:          x_0 = x in {q, k, v};  x_{i+1} = softmax(n(x_i) n(x_i)^T * t) n(x_i)    (iterations)
@@ -14,18 +15,6 @@ queries, so no L x L matrix is kept alive on fused kernels.
 from __future__ import annotations
 
 from .._lazy import F, torch
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """B x L x D -> B x H x L x d (heads concatenated along D, head-major, as open_clip's attention)."""
-    b, n, d = x.shape
-    return x.reshape(b, n, heads, d // heads).transpose(1, 2)  # B x H x L x d
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """B x H x L x d -> B x L x D."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)  # B x L x D
 
 
 def self_self_attention(
@@ -73,4 +62,4 @@ def original_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-__all__ = ["merge_heads", "original_attention", "self_self_attention", "split_heads", "window_temperature"]
+__all__ = ["original_attention", "self_self_attention", "window_temperature"]

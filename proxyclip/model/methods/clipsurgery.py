@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..._lazy import F, torch
-from ..selfself import merge_heads, original_attention, self_self_attention, split_heads
+from ..selfself import original_attention, self_self_attention
 from . import register_method
 from .base import MethodSpec, Windows
 
@@ -93,14 +93,14 @@ def surgery_tokens(clip: ClipAdapter, pixels: torch.Tensor, blocks: int) -> torc
     x_new = x
     for i in range(start, clip.depth):
         block = clip.block(i)
-        q, k, v = (split_heads(t, block.heads) for t in block.qkv(block.ln_1(x)))  # N x H x L x d each
+        q, k, v = (block.split_heads(t) for t in block.qkv(block.ln_1(x)))  # N x H x L x d each
         vv = self_self_attention(v, v, q.shape[-1] ** -0.5)  # N x H x L x d, softmax(v v^T / sqrt(d)) v
-        x_new = x_new + block.ls_1(block.out_proj(merge_heads(vv)))  # no MLP on the new path
+        x_new = x_new + block.ls_1(block.out_proj(block.merge_heads(vv)))  # no MLP on the new path
         if i < clip.depth - 1:
-            x = x + block.ls_1(block.out_proj(merge_heads(original_attention(q, k, v))))
+            x = x + block.ls_1(block.out_proj(block.merge_heads(original_attention(q, k, v))))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         else:  # the last block's original path: only its class token is used
-            cls = x[:, :1] + block.ls_1(block.out_proj(merge_heads(original_attention(q[:, :, :1], k, v))))
+            cls = x[:, :1] + block.ls_1(block.out_proj(block.merge_heads(original_attention(q[:, :, :1], k, v))))
             x = cls + block.ls_2(block.mlp(block.ln_2(cls)))  # N x 1 x D
     return clip.project(torch.cat([x[:, :1], x_new[:, 1:]], dim=1))  # N x (1 + hw) x E
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..._lazy import torch
-from ..selfself import merge_heads, original_attention, self_self_attention, split_heads, window_temperature
+from ..selfself import original_attention, self_self_attention, window_temperature
 from . import register_method
 from .base import MethodSpec, Windows
 
@@ -85,7 +85,7 @@ def gem_tokens(windows: Windows, options: GEMOptions) -> torch.Tensor:
         block = clip.block(i)
         last = i == clip.depth - 1
         y = block.ln_1(x)  # N x L x D, the original path's tokens
-        q, k, v = (split_heads(t, block.heads) for t in block.qkv(y))  # N x H x L x d each
+        q, k, v = (block.split_heads(t) for t in block.qkv(y))  # N x H x L x d each
         if options.gem_residual == "keep" or last:  # "drop": only the last block's output survives
             if options.gem_temp > 0:
                 t = float(options.gem_temp)
@@ -94,10 +94,10 @@ def gem_tokens(windows: Windows, options: GEMOptions) -> torch.Tensor:
             paths = torch.cat([v, k, q])  # 3N x H x L x d: the v-v, k-k and q-q paths batched
             ss = self_self_attention(paths, v.repeat(3, 1, 1, 1), t, options.gem_iterations, normalize=True)
             ss = ss.unflatten(0, (3, -1)).mean(dim=0)  # N x H x L x d, (v-v + k-k + q-q) / 3
-            out = block.ls_1(block.out_proj(merge_heads(ss)))  # N x L x D
+            out = block.ls_1(block.out_proj(block.merge_heads(ss)))  # N x L x D
             x_gem = x_gem + out if options.gem_residual == "keep" else out
         if not last:  # the original path feeds the next block's attention
-            x = x + block.ls_1(block.out_proj(merge_heads(original_attention(q, k, v))))
+            x = x + block.ls_1(block.out_proj(block.merge_heads(original_attention(q, k, v))))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x_gem
 
