@@ -1,6 +1,6 @@
 """CPU benchmark: each training-free method's published code (transcribed) vs ours, per window.
 
-    python benchmarks/bench_methods.py [--methods sclip,clearclip,naclip] [--iters 3] [--out methods.json]
+    python benchmarks/bench_methods.py [--methods sclip,clearclip,naclip,gem,clipsurgery] [--iters 3] [--out methods.json]
 
 CLIP ViT-B/16 (OpenAI architecture) with RANDOM weights (cost does not depend on the values), fp32,
 one process. One image of 336 x 672 CLIP-normalised pixels cut into four 336 x 336 windows (stride
@@ -8,7 +8,9 @@ one process. One image of 336 x 672 CLIP-normalised pixels cut into four 336 x 3
 windows (no refinement). Per method:
 
     published   tests/oracles/<method>_published.py: the published forward_slide, one window at a
-                time, attention matrices per head with bmm (as the published code runs)
+                time, attention matrices per head with bmm (as the published code runs); GEM's through
+                ClearCLIP's forward_slide; CLIPSurgery, whose repository has no sliding window, one
+                published window computation after the other, averaged
     ours        ProxyCLIP.predict_logits: the windows batched, fused attention
 
 Reported: milliseconds per window (median of --iters after --warmup), the speed-up, and the max abs
@@ -28,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the oracles live with the tests
-from oracles import clearclip_published, naclip_published, pamr_published, sclip_published  # noqa: E402
+from oracles import (  # noqa: E402
+    clearclip_published,
+    clipsurgery_published,
+    gem_published,
+    naclip_published,
+    pamr_published,
+    sclip_published,
+)
 
 from proxyclip import ProxyCLIP, ProxyCLIPConfig  # noqa: E402
 from proxyclip.apps.bench import device_name, time_calls, write_json_atomically  # noqa: E402
@@ -51,12 +60,30 @@ def published_call(method: str, model: ProxyCLIP, image: torch.Tensor, text: tor
     if method == "naclip":
         return lambda: naclip_published.predict(clip_model, img, text, size, slide_stride=STRIDE, slide_crop=WINDOW,
                                                 pamr_steps=0)
+    if method == "gem":
+        return lambda: gem_published.forward_slide(clip_model, img, text, size, stride=STRIDE, crop_size=WINDOW)
+    if method == "clipsurgery":
+        return lambda: _windows_averaged(lambda w: clipsurgery_published.window_logits(clip_model, w, text), img)
     raise ValueError(f"no published transcription for {method!r}")
+
+
+def _windows_averaged(window_logits, img: torch.Tensor) -> torch.Tensor:
+    """``window_logits`` of each 336-px window of ``img`` (1 x 3 x 336 x W, windows inside the
+    image), one at a time, averaged where they overlap: 1 x Q x 336 x W."""
+    width = img.shape[-1]
+    starts = list(range(0, width - WINDOW, STRIDE)) + [width - WINDOW]
+    total, count = 0, torch.zeros(width)
+    for x1 in starts:
+        logits = window_logits(img[..., x1 : x1 + WINDOW])  # 1 x Q x 336 x 336
+        total = total + F.pad(logits, (x1, width - x1 - WINDOW))
+        count[x1 : x1 + WINDOW] += 1
+    return total / count
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="sclip,clearclip,naclip", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--methods", default="sclip,clearclip,naclip,gem,clipsurgery",
+                        help="comma-separated (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=3, help="timed runs per variant (median) (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: %(default)s)")
     parser.add_argument("--queries", type=int, default=21, help="text queries (default: %(default)s)")

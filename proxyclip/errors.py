@@ -15,3 +15,7 @@ class ImageError(ProxyCLIPError):
 
 class ClassNamesError(ProxyCLIPError):
     """A class list is empty, malformed or has duplicates."""
+
+
+class OutputError(ProxyCLIPError):
+    """An output file cannot be written (disk full, folder removed, no permission): the run stops."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network in tests; before the imports below
+os.environ.setdefault("PROXYCLIP_CACHE", "off")  # no text embeddings from earlier runs (tests of the cache set a folder)
 
 import warnings
 from pathlib import Path

@@ -31,7 +31,7 @@ def test_segment_writes_labels_overlay_and_probs(images, tmp_path, capsys):
                  "--out", str(out), "--save-probs", *TINY])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy"]
+        "a.png", "a_overlay.png", "a_probs.npy", "b.png", "b_overlay.png", "b_probs.npy", "manifest-rank0.jsonl"]
     labels = np.asarray(Image.open(out / "a.png"))
     assert labels.shape == (60, 80) and labels.max() < 3
     probs = np.load(out / "a_probs.npy")
@@ -47,7 +47,7 @@ def test_one_bad_image_does_not_stop_the_others(images, tmp_path, capsys):
     code = main(["segment", str(images / "broken.jpg"), str(images / "a.jpg"), str(images / "nope.png"),
                  "--classes", "a, b", "--out", str(out), *TINY])
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_overlay.png", "manifest-rank0.jsonl"]
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "nope.png: no such file" in err
     assert "Traceback" not in err
@@ -90,9 +90,10 @@ def test_missing_weights_say_how_to_supply_them(images, tmp_path, capsys):
     code = main(["segment", str(images / "a.jpg"), "--classes", "a, b", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "CLIP weights ViT-B-16 / openai could not be loaded" in err[0] and "--clip-weights" in err[0]
-    assert "HF_HUB_OFFLINE" in err[0]
+    assert len(err) == 4 and err[0].startswith("proxyclip: error: 2 weight files missing")  # one message, both named
+    assert "CLIP ViT-B-16 (openai)" in err[1] and "--clip-weights FILE" in err[1]
+    assert "VFM dino_vitb8" in err[2] and "--vfm-weights FILE" in err[2]
+    assert "HF_HUB_OFFLINE=1" in err[3]
     assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
@@ -136,7 +137,7 @@ def test_pickled_code_in_a_checkpoint_is_never_executed(images, tmp_path, capsys
     with open(path, "wb") as fh:
         pickle.dump({"state_dict": Evil()}, fh, protocol=2)
     code = main(["segment", str(images / "a.jpg"), "--classes", "a", "--out", str(tmp_path / "o"),
-                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--vfm", "dino_vits16"])
+                 "--clip", TINY_CLIP, "--clip-weights", str(path), "--method", "maskclip"])
     assert code == 2
     assert not marker.exists()
     assert "could not be loaded" in capsys.readouterr().err
@@ -183,7 +184,7 @@ def test_help(command, capsys):
 def test_folder_input(images, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(images), "--classes", "a, b", "--out", str(out), "--no-overlay", *TINY]) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]  # broken.jpg reported, others written
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]  # broken.jpg reported, others written
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["segment", str(empty), "--classes", "a", "--out", str(out), *TINY]) == 2
@@ -197,3 +198,70 @@ def test_library_logs_are_hidden_unless_verbose(images, tmp_path, caplog):
     assert "No pretrained weights loaded" not in caplog.text  # open_clip's log line
     assert main(["--verbose", *args]) == 0
     assert "No pretrained weights loaded" in caplog.text
+
+
+# ---- large images --------------------------------------------------------------------------------
+
+@pytest.fixture
+def pixel_limit_restored(monkeypatch):
+    from proxyclip.images import MAX_PIXELS_ENV
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "")  # unset: Pillow's limit; deleted again after the test
+
+
+def test_max_pixels_raises_the_decompression_bomb_limit(images, tmp_path, capsys, pixel_limit_restored):
+    Image.MAX_IMAGE_PIXELS = 3000  # as if a.jpg (80 x 60 = 4800 pixels) were a 12000 x 9000 photo
+    out = tmp_path / "out"
+    assert main(["segment", str(images / "a.jpg"), "--classes", "a, b", "--out", str(out), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "80 x 60 = 4,800 pixels, over the limit of 3,000" in err and "--max-pixels 4800" in err
+    assert main(["segment", str(images / "a.jpg"), "--classes", "a, b", "--out", str(out), *TINY,
+                 "--max-pixels", "4800"]) == 0
+    assert (out / "a.png").exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "--dataset", "voc21"], ["demo"]])
+def test_eval_and_demo_take_max_pixels(command, capsys):
+    from proxyclip.apps.cli import make_parser
+
+    assert make_parser().parse_args([*command, "--max-pixels", "200000000"]).max_pixels == 200_000_000
+    with pytest.raises(SystemExit):
+        make_parser().parse_args([*command, "--max-pixels", "0"])
+    assert "0 is not positive" in capsys.readouterr().err
+
+
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_a_large_image_needs_a_few_times_its_size_in_memory(tmp_path):
+    """Peak memory of ``proxyclip segment`` on a 4000 x 3000 image, over what the process held before."""
+    clear_refs = "/proc/self/clear_refs"
+    try:
+        with open(clear_refs, "w") as fh:
+            fh.write("5")  # reset the peak (VmHWM) to the current resident size
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak")
+    height, width = 3000, 4000
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x // 16) % 256, (y // 12) % 256, ((x + y) // 28) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90)
+    del y, x, pixels
+    small = tmp_path / "small"
+    assert main(["segment", str(tmp_path / "big.jpg"), "--classes", "a, b, c", "--out", str(small), *TINY,
+                 "--no-overlay"]) == 0  # warm up: imports, caches
+    before = _status_kb("VmRSS")
+    with open(clear_refs, "w") as fh:
+        fh.write("5")
+    assert main(["segment", str(tmp_path / "big.jpg"), "--classes", "a, b, c", "--out", str(tmp_path / "o"),
+                 *TINY]) == 0
+    extra = (_status_kb("VmHWM") - before) * 1024
+    image_bytes = height * width * 3
+    print(f"peak {extra / 2**20:.0f} MiB over the {before / 1024:.0f} MiB held before, for a {image_bytes / 2**20:.0f} MiB image")
+    # the image, its label map (1 byte a pixel), one channel in float32 while resizing, the overlay
+    # (Pillow: 4 bytes a pixel): 4-5x measured; full-size float32 and int64 copies took ~16x
+    assert extra < 8 * image_bytes, f"peak {extra / 2**20:.0f} MiB over {before / 1024:.0f} MiB for a {image_bytes / 2**20:.0f} MiB image"

@@ -210,7 +210,7 @@ def test_compare_runs_three_methods_side_by_side(app):
     captions = [caption for _, caption in out.comparison]
     assert [c.split(" - ")[0] for c in captions] == [METHODS[m].title for m in ("clip", "maskclip", "proxyclip")] + [
         spec.title for name, spec in METHODS.items() if name not in ("clip", "maskclip", "proxyclip")]
-    assert all(img.height == 120 for img, _ in out.comparison)
+    assert all(img.width == 160 and img.height > 120 for img, _ in out.comparison)  # the legend below the image
     alone = app.run(HOUSE, CUSTOM, "sky, grass, house", settings(app, method="maskclip"))
     assert np.array_equal(alone.labels, out.labels) and "with MaskCLIP" in out.summary
 
@@ -261,25 +261,34 @@ def _handler(blocks, api_name):
     return next(f.fn for f in blocks.fns.values() if f.api_name == api_name)
 
 
+def _segment_handler(app):
+    """The page's Segment handler, called as Gradio calls it: the progress tracker first."""
+    on_segment = _handler(demo.build_ui(app), "segment")
+
+    def call(*inputs, progress=lambda *args, **kwargs: None):
+        return on_segment(progress, *inputs)
+
+    return call
+
+
 def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_path):
     gr = pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
-    blocks = demo.build_ui(app)
-    on_segment = _handler(blocks, "segment")
+    on_segment = _segment_handler(app)
     d = app.defaults
     knobs = [d.clip, d.vfm, "proxyclip", d.bg_threshold, d.window, d.stride]
     upload = {"path": str(HOUSE), "orig_name": "house.jpg"}
-    annotated, status, files, gallery = on_segment(upload, CUSTOM, "sky, grass, house", *knobs, True)
+    annotated, status, files, gallery, has_result = on_segment(upload, CUSTOM, "sky, grass, house", *knobs, True, False)
     base, masks = annotated.value["image"], annotated.value["annotations"]
     assert Image.open(base["path"]).size == (160, 120)
     assert {m["label"] for m in masks} <= {"sky", "grass", "house"} and masks
     assert set(annotated.color_map) == {"sky", "grass", "house"}
-    assert status.startswith("**Segmented in") and [f.rsplit("/", 1)[1] for f in files] == [
-        "house_labels.png", "house_overlay.png"]
-    assert gallery.visible is True and len(gallery.value) == len(METHODS)  # every registered method
+    assert status.value.startswith("**Segmented in") and "pc-error" not in (status.elem_classes or [])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["house_labels.png", "house_overlay.png"]
+    assert gallery.visible is True and len(gallery.value) == len(demo.method_titles()) and has_result is True
 
     url = "data:image/jpeg;base64," + base64.b64encode(HOUSE.read_bytes()).decode()
-    annotated, status, files, gallery = on_segment({"path": None, "url": url}, CUSTOM, "sky", *knobs, False)
-    assert "640 x 480" in status and gallery.visible is False and files[0].endswith("image_labels.png")
+    annotated, status, files, gallery, _ = on_segment({"path": None, "url": url}, CUSTOM, "sky", *knobs, False, True)
+    assert "640 x 480" in status.value and gallery.visible is False and files[0].endswith("image_labels.png")
     assert not list(app.out_dir.glob("upload-*"))  # the decoded upload is removed again
 
     bad = tmp_path / "bad.png"
@@ -292,24 +301,53 @@ def test_page_handler_returns_outputs_and_turns_errors_into_messages(app, tmp_pa
         (upload, CUSTOM, "sky", [*knobs[:4], 112, 224], "stride 224 is larger"),
         (upload, CUSTOM, "sky", [*knobs[:3], "many", *knobs[4:]], "bad setting"),
     ]
-    for image, vocab, text, settings_, message in cases:
-        with pytest.raises(gr.Error, match=message) as exc:
-            on_segment(image, vocab, text, *settings_, False)
-        assert "Traceback" not in str(exc.value)
+    for had_result in (True, False):
+        for image, vocab, text, settings_, message in cases:
+            annotated, status, files, gallery, has = on_segment(image, vocab, text, *settings_, False, had_result)
+            # the previous outputs stay as they are; the status line says why, and says the result is the old one
+            assert annotated == gr.skip() and files == gr.skip() and gallery == gr.skip() and has is had_result
+            assert status.value.startswith("**Not segmented:** ") and message in status.value
+            assert "pc-error" in status.elem_classes and "Traceback" not in status.value
+            assert ("earlier request" in status.value) is had_result
+
+
+def test_page_handler_reports_progress(app):
+    pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
+    on_segment = _segment_handler(app)
+    seen = []
+
+    def progress(fraction, desc=None, **kwargs):
+        seen.append((fraction, desc))
+
+    d = app.defaults
+    on_segment({"path": str(HOUSE)}, "PASCAL VOC (21 classes)", None, d.clip, d.vfm, "proxyclip", 0.0, 112, 56, True,
+               False, progress=progress)
+    queries = len(vocabulary("PASCAL VOC (21 classes)")[0].queries)
+    encoding = [(f, what) for f, what in seen if what.startswith("encoding the class names")]
+    assert [what.split(":")[1].split("(")[0].strip() for _, what in encoding] == [
+        f"{done} of {queries}" for done in [0, *range(8, queries, 8), queries]]
+    assert encoding[-1][0] == 1.0
+    assert [what for _, what in seen if what.startswith("segmenting")] == [
+        f"segmenting with {title}" for title in demo.method_titles().values()]
+    seen.clear()
+    on_segment({"path": str(HOUSE)}, "PASCAL VOC (21 classes)", None, d.clip, d.vfm, "proxyclip", 0.0, 112, 56, False,
+               True, progress=progress)
+    assert not [what for _, what in seen if what.startswith("encoding")]  # cached: nothing to wait for
 
 
 def test_page_handler_hides_internal_errors_behind_one_line(app, monkeypatch):
-    gr = pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
-    on_segment = _handler(demo.build_ui(app), "segment")
+    pytest.importorskip("gradio", reason="the web extra (gradio) is not installed")
+    on_segment = _segment_handler(app)
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory\nat some deep place")
 
     monkeypatch.setattr(app, "run", broken)
     d = app.defaults
-    with pytest.raises(gr.Error, match=r"segmentation failed \(RuntimeError: out of memory\); the server log") as exc:
-        on_segment({"path": str(HOUSE)}, CUSTOM, "sky", d.clip, d.vfm, "proxyclip", 0.0, 112, 56, False, 1.2, 3.0)
-    assert "deep place" not in exc.value.message
+    status = on_segment({"path": str(HOUSE)}, CUSTOM, "sky", d.clip, d.vfm, "proxyclip", 0.0, 112, 56, False, False,
+                        1.2, 3.0)[1]
+    assert "segmentation failed (RuntimeError: out of memory); the server log" in status.value
+    assert "deep place" not in status.value
 
 
 def test_page_lists_the_limits_and_the_vocabularies(app):

@@ -1,15 +1,22 @@
-"""Fidelity: the fast path gives the published logits and labels (oracle: proxyclip.reference)."""
+"""Fidelity: the fast path gives the published logits and labels (oracle: tests/oracles/proxyclip_published.py)."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
+import open_clip
+import originals
 import pytest
 import torch
-from conftest import tiny_dino, tiny_model
+from conftest import TINY_CLIP, tiny_dino, tiny_model
 from oracles import proxyclip_published as ref
 from torch import nn
 
 from proxyclip import ProxyCLIP, ProxyCLIPConfig
+from proxyclip.model.clip import load_clip
+from proxyclip.model.vfm import VFM_BUILDERS
 
 CLASSES = [["cat", "kitten"], ["dog"], ["grass", "lawn", "meadow"], ["sky"]]
 
@@ -122,24 +129,79 @@ class ConstantVFM(nn.Module):
 def test_all_masked_rows_published_nan_ours_uniform(monkeypatch: pytest.MonkeyPatch) -> None:
     vfm = ConstantVFM()
     model = tiny_model(vfm=vfm)
-    monkeypatch.setattr(ref, "dino_features", lambda _vfm, images: vfm(images))
+    monkeypatch.setattr(ref, "vfm_features", lambda _vfm, images, _crop: vfm(images))
+    constant = ref.PublishedVFM("constant", {}, 1)
     torch.manual_seed(0)
     image = torch.randn(3, 150, 223)
     text = model.encode_classes(CLASSES)
-    published = ref.predict_logits(model, image, text, (150, 223))
+    published = ref.predict_logits(model, image, text, (150, 223), constant)
     assert torch.isnan(published).all()  # the published code: softmax over a row of -inf
 
     ours = model.predict_logits(image, text, out_size=(150, 223))
     assert torch.isfinite(ours).all()
     # Every entry of a row equals the row's max, so ours keeps them all: uniform attention, which
     # the published code gives with beta = 0 (then A = gamma > 0 everywhere, nothing masked).
-    uniform = ref.predict_logits(model.with_config(beta=0.0), image, text, (150, 223))
+    uniform = ref.predict_logits(model.with_config(beta=0.0), image, text, (150, 223), constant)
     assert (ours - uniform).abs().max() < 1e-5
 
 
 def test_reference_refuses_vfms_it_does_not_transcribe() -> None:
     with pytest.raises(ValueError, match="DINO"):
-        ref.dino_features(ConstantVFM(), torch.zeros(1, 3, 56, 56))
+        ref.published_vfm(ConstantVFM())
+    with pytest.raises(ValueError, match="unknown VFM kind"):
+        ref.vfm_features(ref.PublishedVFM("clip", {}, 1), torch.zeros(1, 3, 56, 56), 56)
+
+
+# ---- every VFM from its original checkpoint, the whole pipeline from uint8 pixels ----
+
+TINY_P14 = "proxyclip-test-tiny-p14"  # a CLIP with 14-px patches, as ViT-L/14
+open_clip.add_model_config(Path(__file__).parent / "configs" / f"{TINY_P14}.json")
+
+
+def _published_pair(kind: str, tmp_path: Path, clip: str = TINY_CLIP, **config) -> tuple[ProxyCLIP, ref.PublishedVFM]:
+    """proxyclip with ``kind`` loaded from an original checkpoint file, and the oracle's VFM from the
+    same checkpoint as the original code reads it."""
+    checkpoint = originals.original_state(kind, seed=3, decoder=kind == "mae")
+    path = tmp_path / f"{kind}.pth"
+    torch.save(checkpoint, path)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip_model = open_clip.create_model(clip, pretrained=None).eval().requires_grad_(False)
+    config.setdefault("window", 112)
+    config.setdefault("stride", 56)
+    cfg = ProxyCLIPConfig.create(clip=clip, clip_pretrained="", **config)
+    model = ProxyCLIP(clip_model, open_clip.get_tokenizer(clip), originals.load_vfm(kind, path), cfg)
+    return model, originals.published(kind, checkpoint)
+
+
+@pytest.mark.parametrize("clip", [TINY_CLIP, TINY_P14], ids=["patch16", "patch14"])
+@pytest.mark.parametrize("kind", ["dino", "dinov2", "sam", "mae"])
+def test_segment_matches_published_pipeline(kind: str, clip: str, tmp_path: Path) -> None:
+    """Decoding aside, everything from uint8 pixels to probabilities: the protocol's resize (OpenCV,
+    mmcv's size rule), the published constants, windows, each VFM as its original code computes it."""
+    model, vfm = _published_pair(kind, tmp_path, clip, short_side=112, bg_threshold=0.3)
+    pixels = np.random.default_rng(7).integers(0, 256, (75, 130, 3), dtype=np.uint8)  # -> 112 x 194
+    pixels[:, :60] //= 3
+    result = model.segment(pixels, CLASSES, return_probs=True)
+    labels, probs = ref.segment(model, pixels, CLASSES, vfm)
+    assert not torch.isnan(probs).any()
+    assert np.abs(result.probs - probs.numpy()).max() < 5e-5
+    np.testing.assert_array_equal(result.labels, labels.numpy())
+    assert probs.std() > 1e-3  # probabilities vary: the comparison is not trivially uniform == uniform
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "sam", "mae"])
+@pytest.mark.parametrize("size", [(80, 100), (150, 223)])
+def test_logits_match_reference_other_vfms(kind: str, size: tuple[int, int], tmp_path: Path) -> None:
+    """Padded and shifted windows with DINOv2, SAM and MAE (CLIP-normalised input)."""
+    model, vfm = _published_pair(kind, tmp_path)
+    torch.manual_seed(0)
+    image = torch.randn(3, *size)
+    text = model.encode_classes(CLASSES)
+    ours = model.predict_logits(image, text, out_size=size)
+    expected = ref.predict_logits(model, image, text, size, vfm)
+    assert (ours - expected).abs().max() < 1e-5
 
 
 # ---- full-size architectures, random weights ----
@@ -156,3 +218,27 @@ def test_fullsize_vitb16_dino_b8_matches_reference() -> None:
     assert ours.shape == expected.shape == (6, 375, 500)
     assert (ours - expected).abs().max() < 1e-4
     assert ours.std() > 1e-3  # logits vary over the image: the comparison is not trivially 0 == 0
+
+
+FULLSIZE = [("ViT-B-16", "dinov2"), ("ViT-B-16", "mae"), ("ViT-B-16", "sam"), ("ViT-L-14", "dino")]
+
+
+@pytest.mark.fullsize
+@pytest.mark.parametrize(("clip", "kind"), FULLSIZE, ids=[f"{c}-{k}" for c, k in FULLSIZE])
+def test_fullsize_segment_matches_published(clip: str, kind: str, tmp_path: Path) -> None:
+    """The full-size architectures (random weights saved in the original layouts): one 300 x 300
+    image, resized to one 336 x 336 window; probabilities within 5e-5 of the published pipeline's."""
+    key = {"dino": "dino_vitb8", "dinov2": "dinov2_vitb14_reg", "mae": "mae_vitb16", "sam": "sam_vitb"}[kind]
+    name = "vit_base_patch8_224.dino" if kind == "dino" else None  # DINO B/8, the paper's default
+    checkpoint = originals.original_state(kind, seed=3, full=True, jitter=0.02, model_name=name)
+    path = tmp_path / f"{kind}.pth"
+    torch.save(checkpoint, path)
+    vfm = VFM_BUILDERS[key](weights=str(path))
+    model = ProxyCLIP(*load_clip(clip, "openai", random_weights=True), vfm, ProxyCLIPConfig(clip=clip, vfm=key))
+    pixels = np.random.default_rng(7).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    pixels[:, :150] //= 3
+    classes = [["cat"], ["grass"]]
+    result = model.segment(pixels, classes, return_probs=True)
+    labels, probs = ref.segment(model, pixels, classes, originals.published(kind, checkpoint, 12))
+    assert np.abs(result.probs - probs.numpy()).max() < 5e-5
+    assert probs.std() > 1e-3  # (labels may flip where two probabilities are within ~1e-6)

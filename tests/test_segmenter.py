@@ -68,7 +68,7 @@ def test_batched_windows_equal_one_window_at_a_time(model):
 def test_segment_shapes_and_probabilities(model, rng):
     image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
     result = model.segment(image, ["cat; kitten", "dog", "sky"], return_probs=True)
-    assert result.labels.shape == (70, 90) and result.labels.dtype == np.int64
+    assert result.labels.shape == (70, 90) and result.labels.dtype == np.uint8  # 1 byte a pixel up to 256 classes
     assert result.probs.shape == (3, 70, 90)
     assert result.labels.min() >= 0 and result.labels.max() < 3
     assert np.array_equal(result.labels, result.probs.argmax(0))
@@ -233,8 +233,28 @@ def test_astype_copies_the_models_in_another_dtype():
     low = model.astype(torch.bfloat16)
     assert low.dtype == torch.bfloat16 and next(low.vfm.parameters()).dtype == torch.bfloat16
     assert model.dtype == torch.float32 and next(model.vfm.parameters()).dtype == torch.float32  # a copy
-    assert low.clip_mean.dtype == torch.float32  # the pixel normalisation stays float32, as in build
     image = torch.randn(3, 112, 150)
     ref = model.predict_logits(image, model.encode_classes(["a", "b"]))
     out = low.predict_logits(image, low.encode_classes(["a", "b"]))
     assert (out - ref).abs().max() < 0.05
+
+
+def test_labels_at_a_large_size_are_small_and_built_in_bounded_bands(monkeypatch):
+    from proxyclip.model import segmenter
+
+    model = tiny_model()
+    logits = torch.randn(3, 40, 60)
+    bands = []
+    resize_rows = segmenter.resize_rows
+
+    def spy(*args, **kwargs):
+        band = resize_rows(*args, **kwargs)
+        bands.append(band.numel() * band.element_size())
+        return band
+
+    monkeypatch.setattr(segmenter, "resize_rows", spy)
+    labels, probs = model.classify_at_size(logits, (2000, 3000), ["a", "b", "c"])
+    assert labels.dtype == np.uint8 and labels.shape == (2000, 3000) and probs is None  # 6 MB, not 48 MB in int64
+    assert len(bands) > 1 and max(bands) <= 16 * 2**20  # each band's resized logits; softmax & co. copy them a few times
+    whole = F.interpolate(logits[None], size=(2000, 3000), mode="bilinear", align_corners=False)[0]
+    assert (labels == whole.argmax(0).numpy()).mean() > 0.9999  # the bands join up (float rounding aside)

@@ -14,7 +14,7 @@ What is measured, per row:
 - FLOPs per window (per image for whole-image), counted with ``torch.utils.flop_counter``
   (2 FLOPs per multiply-accumulate; Table 5 counts multiply-accumulates, so its "FLOPs" compare
   with our ``gmacs``). PyTorch has no formula for the fused attention kernels that CPU inference
-  and ``nn.MultiheadAttention``'s fast path run; :data:`EXTRA_FLOP_FORMULAS` adds them;
+  and ``nn.MultiheadAttention``'s fast path run; :func:`extra_flop_formulas` adds them;
 - windows (images) per second at batch 1 and at the best batch of ``--batches``, and latency:
   the median over ``--iters`` timed calls after ``--warmup`` calls, the device synchronised;
 - peak memory of one call, after one untimed call: CUDA ``max_memory_allocated`` (``peak_mib``,
@@ -29,6 +29,8 @@ What is measured, per row:
 
 Text embeddings are random unit vectors (``--queries`` of them; their values do not change the
 cost), made, like the models, outside the timed region.
+
+torch is imported inside the functions, so that building the command line stays light.
 """
 
 from __future__ import annotations
@@ -43,12 +45,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from typing import TYPE_CHECKING
 
 from ..errors import ProxyCLIPError
+
+if TYPE_CHECKING:
+    import torch
 
 WHOLE_IMAGE_ROW = "whole-image"
 TABLE5_EXTRA_ROWS = ("proxyclip:dino_vitb16",)  # Table 5 also has ProxyCLIP with DINO B/16 (besides --vfm's B/8)
@@ -60,6 +62,8 @@ def default_rows(vfm: str) -> tuple[str, ...]:
 
     rows = [f"{name}:{vfm}" if spec.needs_vfm else name for name, spec in METHODS.items()]
     return (*rows, *(r for r in TABLE5_EXTRA_ROWS if r not in rows), WHOLE_IMAGE_ROW)
+
+
 WHOLE_IMAGE = (375, 500)  # H x W: a typical PASCAL VOC photo (500 x 375)
 MIB = 1 << 20
 
@@ -76,6 +80,8 @@ class Row:
 
 def _fused_sdpa_flops(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args, out_shape=None, **kwargs) -> int:
     """``aten._scaled_dot_product_flash_attention_for_cpu``: q, k, v are B x heads x L x d."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query, key, value)
 
 
@@ -94,15 +100,21 @@ def _native_mha_flops(
     return projections + attention
 
 
-EXTRA_FLOP_FORMULAS: dict = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_sdpa_flops,
-    torch.ops.aten._native_multi_head_attention: _native_mha_flops,
-}
+def extra_flop_formulas() -> dict:
+    """FLOP formulas for the fused attention ops that ``torch.utils.flop_counter`` does not know."""
+    import torch
+
+    return {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _fused_sdpa_flops,
+        torch.ops.aten._native_multi_head_attention: _native_mha_flops,
+    }
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs (2 per multiply-accumulate) of the matmul-like ops ``fn`` runs (it runs once)."""
-    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=extra_flop_formulas()) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -111,6 +123,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -142,6 +156,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
     """Peak memory of one call of ``fn``: absolute and above the level before the call (MiB)."""
     fn()  # once first: one-time allocations (kernel caches, library workspaces) are not the call's
     if device.type == "cuda":
+        import torch
+
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -168,6 +184,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, flo
 
 def matmul_throughput(device: torch.device, dtype: torch.dtype, n: int, warmup: int = 2, iters: int = 5) -> float:
     """FLOP/s of an n x n by n x n matmul in ``dtype`` on ``device`` (the machine's practical peak)."""
+    import torch
+
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = time_calls(lambda: torch.mm(a, b), device, warmup, iters)
@@ -258,6 +276,7 @@ def measure_row(
 ) -> tuple[dict, dict[int, Callable[[], None]]]:
     """Parameters, FLOPs and peak memory of one row, and its calls per batch for :func:`time_row`."""
     import numpy as np
+    import torch
 
     from ..images import rescaled_size
     from ..model.sliding import window_boxes
@@ -315,6 +334,9 @@ def time_row(out: dict, calls: dict[int, Callable[[], None]], device: torch.devi
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     from .options import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
@@ -355,6 +377,8 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(device)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

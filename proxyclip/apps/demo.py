@@ -247,6 +247,12 @@ class ModelStore:
 
 # ---- the work --------------------------------------------------------------------------------
 
+def comparison_font_size(width: int) -> int:
+    """Legend text height (px) of the side-by-side overlays of an image ``width`` px wide: they are
+    shown at about a third of the result's width, so 1/18 of the width stays above 11 px there."""
+    return max(12, round(width / 18))
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the page sends besides the image and the classes."""
@@ -264,7 +270,7 @@ class Settings:
 @dataclass
 class DemoResult:
     pixels: np.ndarray  # H x W x 3 uint8: the image as segmented (downscaled to the work size)
-    labels: np.ndarray  # H x W int64 class indices
+    labels: np.ndarray  # H x W class indices (uint8 up to 256 classes)
     names: tuple[str, ...]  # display name of each class, in label order
     seconds: float  # time the segmentation took (the chosen method only)
     summary: str  # Markdown for the page: time, sizes, classes present
@@ -275,7 +281,8 @@ class DemoResult:
         """(H x W float mask: MASK_OPACITY inside the class, 0 elsewhere; name) of each class present, largest first."""
         from ..images import classes_by_area
 
-        return [((self.labels == c) * MASK_OPACITY, self.names[c]) for c, _ in classes_by_area(self.labels)]
+        opacity = np.float32(MASK_OPACITY)  # float32: 4 bytes a pixel a class present, not 8
+        return [((self.labels == c) * opacity, self.names[c]) for c, _ in classes_by_area(self.labels)]
 
     def color_map(self) -> dict[str, str]:
         """Class name -> "#rrggbb", the label PNG's palette colours."""
@@ -336,8 +343,15 @@ class DemoApp:
         return classes, names
 
     def run(self, image_path: str | os.PathLike | None, preset: str | None, text: str | None,
-            settings: Settings, image_name: str | None = None) -> DemoResult:
-        """Segment one uploaded image; raises ProxyCLIPError with a message for the page."""
+            settings: Settings, image_name: str | None = None,
+            progress: Callable[[float | None, str], None] | None = None) -> DemoResult:
+        """Segment one uploaded image; raises ProxyCLIPError with a message for the page.
+
+        ``progress(fraction or None, what)`` is told each phase: waiting for the model, loading a
+        model on first use, encoding the class names (with a count: 80 prompts a name, minutes for a
+        large vocabulary on a CPU), segmenting with each method.
+        """
+        say = progress or (lambda fraction, what: None)
         titles = method_titles()
         if settings.method not in titles:
             raise DemoInputError(f"unknown method {settings.method!r}; choose one of {', '.join(titles)}")
@@ -345,18 +359,28 @@ class DemoApp:
         if image_path is None:
             raise ImageError("no image: upload one, paste one, take one with the webcam, or click an example")
         pixels, (width, height) = read_upload(image_path, self.limits)
+        say(None, "waiting for the model (one request at a time)")
         with self._lock:
             loaded = self.store.is_loaded(settings.clip, settings.vfm)
+            if not loaded:
+                say(None, f"loading {settings.clip} + {settings.vfm} (first use)")
             start = time.perf_counter()
             pair = self.store.get(settings.clip, settings.vfm)
             load_seconds = time.perf_counter() - start
             encoded = pair.is_encoded(classes)
             start = time.perf_counter()
-            pair.encode_classes(classes)  # cached per CLIP and class list: the first time costs 80 prompts a name
+
+            def encoding(done: int, total: int) -> None:
+                say(done / total, f"encoding the class names: {done} of {total} (80 prompts each; cached afterwards)")
+
+            if not encoded:
+                encoding(0, len(classes.queries))
+            pair.encode_classes(classes, progress=encoding)  # cached per CLIP and class list
             text_seconds = None if encoded else time.perf_counter() - start
             methods = tuple(titles) if settings.compare else (settings.method,)
             runs = {}
-            for method in methods:
+            for i, method in enumerate(methods):
+                say(i / len(methods), f"segmenting with {titles[method]}")
                 options = {k: v for k, v in settings.options.items() if k in get_method(method).option_names()}
                 model = pair.with_config(method=method, bg_threshold=settings.bg_threshold,
                                          window=int(settings.window), stride=int(settings.stride), **options)
@@ -373,11 +397,12 @@ class DemoApp:
         labels, seconds = runs[settings.method]
         overlay = overlay_image(pixels, labels, names)
         comparison = []
-        if settings.compare:
+        if settings.compare:  # shown a third of the result's width: the legend below, in large type
             titles = method_titles()
+            font_size = comparison_font_size(pixels.shape[1])
             for method, (m_labels, m_seconds) in runs.items():
-                m_overlay = overlay if method == settings.method else overlay_image(pixels, m_labels, names)
-                comparison.append((m_overlay, f"{titles[method]} - {m_seconds:.2f} s"))
+                comparison.append((overlay_image(pixels, m_labels, names, legend="below", font_size=font_size),
+                                   f"{titles[method]} - {m_seconds:.2f} s"))
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(image_name or "image").stem).strip("_")[:40] or "image"
         folder = self._new_folder()
         files = [folder / f"{stem}_labels.png", folder / f"{stem}_overlay.png"]
@@ -417,15 +442,24 @@ class DemoApp:
 # ---- the page --------------------------------------------------------------------------------
 
 CSS = """
-.pc-warning { background: #fff4e5; border: 1px solid #f0a33a; border-radius: 6px; padding: 2px 12px; }
-.pc-limits { color: #555; font-size: 0.92em; }
+.pc-warning { background: #fff4e5; border: 1px solid #f0a33a; border-radius: 6px; padding: 0 10px; }
+.pc-warning p { margin: 4px 0 !important; }
+.pc-limits { color: #555; font-size: 0.88em; }
+#pc-status { min-height: 1.5em; }
+#pc-status.pc-error { background: #fdecea; border: 1px solid #e0433b; border-radius: 6px; padding: 2px 10px; }
+#pc-status.pc-busy { color: #555; }
+/* side by side: each overlay at full cell width with its caption under it, not over its legend */
+#pc-compare-gallery .grid-wrap { min-height: 0 !important; max-height: none !important; overflow-y: visible; }
+#pc-compare-gallery .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#pc-compare-gallery .thumbnail-lg > img { height: auto; }
+#pc-compare-gallery .caption-label { position: static; max-width: none; border: 0; border-radius: 0;
+                                     opacity: 1; text-align: center; }
 footer { display: none !important; }
 """
 
-INTRO = """# ProxyCLIP: open-vocabulary segmentation
-Upload a picture, name the classes you are looking for, and see every pixel assigned to one of them.
-No training: CLIP's dense features are pooled with *proxy attention* from a vision foundation model
-(DINO, DINOv2, SAM, MAE) -- [ProxyCLIP, ECCV 2024](https://arxiv.org/abs/2408.04883)."""
+INTRO = """## ProxyCLIP: open-vocabulary segmentation
+Name the classes you look for and every pixel goes to one of them, with no training: CLIP's dense features
+pooled by *proxy attention* from DINO, DINOv2, SAM or MAE ([ECCV 2024](https://arxiv.org/abs/2408.04883))."""
 
 
 def payload_path(payload, out_dir: Path) -> tuple[str | None, str | None]:
@@ -458,7 +492,13 @@ def payload_path(payload, out_dir: Path) -> tuple[str | None, str | None]:
 
 
 def build_ui(app: DemoApp):
-    """The Gradio page (a ``gr.Blocks``); launch it with :func:`launch_kwargs`."""
+    """The Gradio page (a ``gr.Blocks``); launch it with :func:`launch_kwargs`.
+
+    Inputs and the Segment button on the left (the button in sight on a 1280 x 800 window),
+    outputs on the right: the status line above the result, then the side-by-side comparison,
+    then the downloads. A request that fails leaves the previous result where it is and says why
+    in the status line until the next request; a request in progress says so there.
+    """
     import gradio as gr
 
     d = app.defaults
@@ -466,33 +506,30 @@ def build_ui(app: DemoApp):
     with gr.Blocks(title="ProxyCLIP demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         if app.random_weights:
-            gr.Markdown("**Random weights:** this server was started with `--random-weights`, so the "
-                        "segmentations are meaningless. It is for testing the page only.",
-                        elem_classes="pc-warning")
-        gr.Markdown(f"Limits: {limits.describe()}. Requests are served one at a time, in a queue.",
-                    elem_classes="pc-limits", elem_id="pc-limits")
+            gr.Markdown("**Random weights** (`--random-weights`): the segmentations are meaningless; this server "
+                        "is for testing the page only.", elem_classes="pc-warning")
+        has_result = gr.State(False)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=1):
+            with gr.Column(scale=4, min_width=340):
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard", "webcam"],
-                                 height=340, elem_id="pc-image")
-                vocab = gr.Dropdown([CUSTOM, *VOCABULARIES], value=CUSTOM, label="Vocabulary",
-                                    info="Custom: type your classes below; or use a benchmark's (on a CPU, "
-                                         "a large vocabulary takes minutes the first time: 80 prompts a name)",
-                                    elem_id="pc-vocab")
+                                 height=230, elem_id="pc-image")
+                vocab = gr.Dropdown([CUSTOM, *VOCABULARIES], value=CUSTOM, elem_id="pc-vocab", label="Vocabulary")
                 classes = gr.Textbox(
-                    label="Classes", lines=3, max_lines=8, max_length=limits.max_text, elem_id="pc-classes",
+                    label="Classes", lines=2, max_lines=4, max_length=limits.max_text, elem_id="pc-classes",
                     placeholder="sky, grass, house; building, tree",
-                    info="separated by commas or new lines; '; ' joins synonyms of one class (cat; kitten). "
-                         "Label PNG pixel value = position in this list, from 0.")
+                    info="typed (commas or new lines between classes, '; ' between synonyms: cat; kitten), or a "
+                         "benchmark's. Label PNG pixel value = position in this list, from 0.")
+                button = gr.Button("Segment", variant="primary", elem_id="pc-run")
                 with gr.Row():
                     clip = gr.Dropdown(app.store.clip_names, value=d.clip, label="CLIP", elem_id="pc-clip",
                                        info="others load on first use")
                     vfm = gr.Dropdown(app.store.vfm_names, value=d.vfm, label="VFM (proxy attention)",
                                       elem_id="pc-vfm", info="others load on first use")
+                compare = gr.Checkbox(False, label="Compare every method side by side",
+                                      elem_id="pc-compare")
                 with gr.Accordion("Advanced settings", open=False):
                     method = gr.Radio([(v, k) for k, v in method_titles().items()], value=app.default_method,
                                       label="Method", info="the training-free methods; those without a VFM ignore it")
-                    compare = gr.Checkbox(False, label="Compare every method side by side", elem_id="pc-compare")
                     option_controls = []
                     for name, entry in method_options().items():
                         label = f"{name} ({', '.join(entry['methods'])})"
@@ -508,17 +545,20 @@ def build_ui(app: DemoApp):
                     window = gr.Slider(min(sizes), max(sizes), value=d.window, step=8, label="window (px)")
                     stride = gr.Slider(min(sizes), max(sizes), value=d.stride, step=8,
                                        label="stride (px, at most the window)")
-                button = gr.Button("Segment", variant="primary", elem_id="pc-run")
                 gr.Examples([[str(EXAMPLES_DIR / f), CUSTOM, text] for f, text in EXAMPLES],
                             inputs=[image, vocab, classes], label="Examples (click one, then Segment)")
-            with gr.Column(scale=1):
-                result = gr.AnnotatedImage(label="Segmentation (hover a class to highlight it)", height=420,
-                                           elem_id="pc-result")
-                status = gr.Markdown(elem_id="pc-status")
+                gr.Markdown(f"Limits: {limits.describe()}. Requests are served one at a time, in a queue.",
+                            elem_classes="pc-limits", elem_id="pc-limits")
+            with gr.Column(scale=6, min_width=480):
+                status = gr.Markdown("Upload an image, name the classes, then press **Segment**.",
+                                     elem_id="pc-status")
+                result = gr.AnnotatedImage(label="Segmentation (hover a class to highlight it)", height=400,
+                                           elem_id="pc-result", format="png")
+                gallery = gr.Gallery(label="Every method, side by side", columns=3, height="auto",
+                                     visible=False, elem_id="pc-compare-gallery", object_fit="contain",
+                                     preview=False, format="png", show_label=False)  # png: sharp legend text
                 files = gr.File(label="Downloads: label map (palette PNG) and overlay with legend",
-                                file_count="multiple", interactive=False, elem_id="pc-files")
-        gallery = gr.Gallery(label="Every method, side by side", columns=3, height="auto",
-                             visible=False, elem_id="pc-compare-gallery", object_fit="contain")
+                                file_count="multiple", interactive=False, elem_id="pc-files", height=120)
 
         def on_vocab(label):
             if label == CUSTOM or not label:
@@ -529,10 +569,22 @@ def build_ui(app: DemoApp):
                 raise gr.Error(str(exc), duration=30, print_exception=False) from None
             return gr.Textbox(value=format_classes(classes_), interactive=False), gr.Slider(value=threshold)
 
-        option_defaults = {k: v["default"] for k, v in method_options().items()}
+        def on_start():
+            return gr.Markdown("Segmenting ...", elem_classes=["pc-busy"])
 
-        def on_segment(image_payload, vocab_label, text, clip_name, vfm_name, method_name, bg_, window_, stride_,
-                       compare_, *option_values):
+        def failed(message: str, had_result: bool):
+            note = " The result shown is from an earlier request." if had_result else ""
+            return (gr.skip(), gr.Markdown(f"**Not segmented:** {message}{note}", elem_classes=["pc-error"]),
+                    gr.skip(), gr.skip(), had_result)
+
+        option_defaults = {k: v["default"] for k, v in method_options().items()}
+        tracker = gr.Progress()  # Gradio fills it in for a request (a bar over the result)
+
+        # progress comes first: Gradio passes a Progress only to a positional parameter, and the method
+        # options (as many as the registry has) arrive last, as *option_values
+        def on_segment(progress=tracker, image_payload=None, vocab_label=None, text=None, clip_name=None,
+                       vfm_name=None, method_name=None, bg_=None, window_=None, stride_=None, compare_=False,
+                       had_result=False, *option_values):
             try:
                 options = dict(option_defaults)
                 for (name, default), value in zip(option_defaults.items(), option_values):
@@ -541,32 +593,40 @@ def build_ui(app: DemoApp):
                                     window=int(window_), stride=int(stride_), compare=bool(compare_),
                                     options=options)
             except (TypeError, ValueError) as exc:
-                raise gr.Error(f"bad setting: {exc}", duration=30, print_exception=False) from None
+                return failed(f"bad setting: {exc}", had_result)
+
+            def report(fraction: float | None, what: str) -> None:
+                progress(fraction, desc=what)
+
             path, decoded = None, False
             try:
                 path, name = payload_path(image_payload, app.out_dir)
                 decoded = isinstance(image_payload, dict) and not image_payload.get("path") and path is not None
-                out = app.run(path, vocab_label, text, settings, image_name=name)
+                out = app.run(path, vocab_label, text, settings, image_name=name, progress=report)
             except ProxyCLIPError as exc:
-                raise gr.Error(str(exc), duration=30, print_exception=False) from None
+                return failed(str(exc), had_result)
             except Exception as exc:  # noqa: BLE001 -- a page shows a message, the log keeps the traceback
                 log.exception("segmentation failed")
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                raise gr.Error(f"segmentation failed ({type(exc).__name__}: {first[:200]}); the server log has "
-                               "the details", duration=30, print_exception=False) from None
+                return failed(f"segmentation failed ({type(exc).__name__}: {first[:200]}); the server log has "
+                              "the details", had_result)
             finally:
                 if decoded:  # a data: URL we wrote to a file
                     Path(path).unlink(missing_ok=True)
             return (
                 gr.AnnotatedImage(value=(out.pixels, out.annotations()), color_map=out.color_map()),
-                out.summary,
+                gr.Markdown(out.summary, elem_classes=[]),
                 [str(p) for p in out.files],
                 gr.Gallery(value=out.comparison, visible=bool(out.comparison)),
+                True,
             )
 
         vocab.change(on_vocab, vocab, [classes, bg], queue=False, show_progress="hidden")
-        button.click(on_segment, [image, vocab, classes, clip, vfm, method, bg, window, stride, compare, *option_controls],
-                     [result, status, files, gallery], preprocess=False, concurrency_limit=1, api_name="segment")
+        button.click(on_start, None, status, queue=False, show_progress="hidden").then(
+            on_segment, [image, vocab, classes, clip, vfm, method, bg, window, stride, compare, has_result,
+                         *option_controls],
+            [result, status, files, gallery, has_result], preprocess=False, concurrency_limit=1, api_name="segment",
+            show_progress_on=[result])  # the bar over the result; the status line stays readable
     return demo
 
 
@@ -609,7 +669,7 @@ def _vfm_spec(text: str) -> tuple[str, str | None]:
 
 def add_demo_parser(sub) -> None:
     """Register ``proxyclip demo`` on the CLI's sub-parsers."""
-    from .options import add_inference_args, add_model_args
+    from .options import add_image_args, add_inference_args, add_model_args
 
     p = sub.add_parser(
         "demo",
@@ -641,6 +701,7 @@ def add_demo_parser(sub) -> None:
                           "have that size (default: %(default)s)")
     lim.add_argument("--max-classes", type=int, default=DemoLimits.max_classes, help="classes per request (default: %(default)s)")
     add_model_args(p)
+    add_image_args(p)
     add_inference_args(p)
     p.set_defaults(func=run_demo)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from ..classes import read_class_file
 from ..errors import ProxyCLIPError
 from ..evaluation.datasets import SegmentationDataset, coco_object_jobs, convert_coco_object_label
-from ..evaluation.distributed import init_distributed
 from ..evaluation.presets import (
     DATASET_SETTINGS,
     PRESETS,
+    PROTOCOLS,
     TABLE1_LARGE,
     TABLE1_MAIN,
     DatasetPreset,
@@ -22,11 +22,10 @@ from ..evaluation.presets import (
     load_preset,
     preset_to_json,
 )
-from ..evaluation.report import _fmt, collect_results, table1
-from ..evaluation.runner import PROTOCOLS, RunOptions, dataset_settings, default_workers, evaluate, preset_config
-from ..images import write_atomically
+from ..loading import default_workers
 from .options import (
     EXIT_OK,
+    add_image_args,
     add_inference_args,
     add_model_args,
     build_model,
@@ -86,6 +85,7 @@ def add_eval_parsers(sub) -> None:
     c.add_argument("--ignore-index", type=int, default=255, help="label value left out of scoring (default: %(default)s)")
     c.add_argument("--reduce-zero-label", action="store_true", help="label 0 is ignored, the others shift down by one")
     add_model_args(p)
+    add_image_args(p)
     p.add_argument("--protocol", choices=PROTOCOLS, default="method",
                    help="per-dataset settings (background threshold, ...) where a method's published runs differ from "
                         "the dataset preset: 'method' uses the method's own, 'dataset' the preset's (ProxyCLIP's "
@@ -202,6 +202,10 @@ def _with_classes(preset: DatasetPreset, args: argparse.Namespace) -> DatasetPre
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..evaluation.distributed import init_distributed
+    from ..evaluation.report import _fmt, collect_results, table1
+    from ..evaluation.runner import RunOptions, dataset_settings, evaluate, preset_config
+    from ..images import write_atomically
 
     if args.limit is not None and args.limit < 1:
         raise ProxyCLIPError("--limit must be at least 1")
@@ -220,14 +224,16 @@ def run_eval(args: argparse.Namespace) -> int:
                      checkpoint_every=args.checkpoint_every, batch_images=args.batch_images,
                      save_predictions=args.save_predictions, save_overlays=args.save_overlays,
                      progress=not args.no_progress)
-    model = None
+    model = provenance = None
     try:
         for data in datasets:
             if model is None:
                 first = dataset_settings(args.method, data.preset, protocol=args.protocol)
                 model = build_model(args, config_from_args(args, **{k: first[k] for k in DATASET_SETTINGS}))
+                provenance = run_provenance(args, model)
             model = preset_config(model, data.preset, overrides, args.protocol)
-            result = evaluate(model, data, run, dist=dist, overrides=overrides, protocol=args.protocol)
+            result = evaluate(model, data, run, dist=dist, overrides=overrides, protocol=args.protocol,
+                              provenance=provenance)
             if dist.rank == 0:
                 m = result["metrics"]
                 print(f"{data.preset.key}: mIoU {_fmt(m['mIoU'])}  aAcc {_fmt(m['aAcc'])}  mAcc {_fmt(m['mAcc'])}  "
@@ -244,6 +250,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
             tdist.destroy_process_group()
     return EXIT_OK
+
+
+def run_provenance(args: argparse.Namespace, model) -> dict:
+    """What produces an evaluation's numbers, for its result file: the weights (random with their seed,
+    or each file with its sha256, or the hub repository and revision), device, precision and versions."""
+    import open_clip
+    import timm
+    import torch
+
+    from .. import __version__
+    from ..model.hub import clip_source, describe_source, vfm_source
+
+    cfg = model.config
+    if args.random_weights:
+        weights: dict = {"random": True, "seed": args.seed}
+    else:
+        weights = {"clip": describe_source(clip_source(cfg.clip, cfg.clip_pretrained, args.clip_weights))}
+        if cfg.needs_vfm:
+            weights["vfm"] = describe_source(vfm_source(cfg.vfm, args.vfm_weights))
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"weights": weights, "device": str(device), "device_name": name, "precision": args.precision,
+            "versions": {"proxyclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                         "timm": timm.__version__}}
 
 
 def run_presets(args: argparse.Namespace) -> int:

@@ -1,18 +1,20 @@
 """Command-line options shared by the sub-commands: models, weights, method settings, device.
 
 Exit codes of every command: 0 success; 1 some inputs failed (the others were processed); 2 bad
-usage or configuration (class names, weights, output folder), nothing processed.
+usage or configuration (class names, weights, output folder), nothing processed; 3 an output could
+not be written (disk full, ...): the run stopped, what was written before is complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from ..errors import ProxyCLIPError
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -64,6 +66,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="build the real architectures with RANDOM weights (tests and benchmarks only: "
                         "the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights (--random-weights): the same seed builds the same "
+                        "weights, so runs are reproducible and resumable (default: %(default)s)")
+    g.add_argument("--no-text-cache", action="store_true",
+                   help="do not read or write text embeddings in the on-disk cache (PROXYCLIP_CACHE, "
+                        "default ~/.cache/proxyclip)")
     g.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ... (default: %(default)s)")
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -119,6 +127,32 @@ def add_inference_args(parser: argparse.ArgumentParser, per_dataset: tuple[str, 
         kind = entry["type"] if entry["type"] in (int, float, str) else str
         m.add_argument(_flag(name), type=kind, default=None, choices=entry["choices"],
                        help=f"{entry['help']} (default: {shown})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    """Options on reading images (segment, eval, demo); :func:`apply_image_args` applies them."""
+    parser.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                        help="decode images of up to N pixels; larger ones are refused as possible decompression "
+                             "bombs (default: Pillow's limit, 89478485, e.g. 9459 x 9459); raise it for large "
+                             "images you trust, e.g. --max-pixels 200000000")
+
+
+def apply_image_args(args: argparse.Namespace) -> None:
+    """Set the process-wide pixel limit (reaches the loader processes too) if --max-pixels was given."""
+    if getattr(args, "max_pixels", None) is not None:
+        from ..images import set_pixel_limit
+
+        set_pixel_limit(args.max_pixels)
 
 
 def config_from_args(args: argparse.Namespace, **preset):
@@ -183,6 +217,10 @@ def build_model(args: argparse.Namespace, config):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device)
+    if args.random_weights:  # the same --seed builds the same weights: reproducible, resumable runs
+        import torch
+
+        torch.manual_seed(getattr(args, "seed", 0))
     return ProxyCLIP.build(
         config,
         clip_weights=args.clip_weights,
@@ -190,7 +228,13 @@ def build_model(args: argparse.Namespace, config):
         random_weights=args.random_weights,
         device=device,
         dtype=dtype,
+        progress=say,
     )
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (the commands' results go to stdout)."""
+    print(f"proxyclip: {line}", file=sys.stderr, flush=True)
 
 
 def ensure_writable_dir(path: Path) -> None:

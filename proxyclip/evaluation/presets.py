@@ -24,6 +24,7 @@ from ..model.config import ProxyCLIPConfig
 DATASET_SETTINGS = ("window", "stride", "short_side", "long_side", "bg_threshold", "logit_scale", "area_threshold")
 
 LABEL_DTYPES = ("uint8", "uint16")
+PROTOCOLS = ("method", "dataset")  # whose per-dataset settings win: the method's published ones, or the preset's
 
 
 @dataclass(frozen=True)

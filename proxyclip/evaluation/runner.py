@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,19 +31,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ProxyCLIPError
-from ..images import label_image, load_image, overlay_image, resize_keep_ratio, write_atomically
+from ..images import label_image, overlay_image, write_atomically
+from ..loading import default_workers, read_resized  # noqa: F401  (default_workers: re-exported)
+from ..loading import make_loader as _loader
 from ..model.config import method_defaults
 from ..model.methods import get_method
+from ..progress import CountBar
 from .datasets import DatasetError, SegmentationDataset
 from .distributed import DistInfo, all_reduce_sum, shard
 from .metrics import AREA_ROWS, intersect_and_union, summarize
-from .presets import DATASET_SETTINGS, DatasetPreset
+from .presets import DATASET_SETTINGS, PROTOCOLS, DatasetPreset  # noqa: F401  (PROTOCOLS: light there, for the CLI)
 from .report import RESULT_KIND, result_markdown
 
 if TYPE_CHECKING:
     from ..model.segmenter import ProxyCLIP
 
-PROTOCOLS = ("method", "dataset")  # whose per-dataset settings win: the method's published ones, or the preset's
 
 
 # ---- settings -----------------------------------------------------------------------------------
@@ -218,38 +219,23 @@ class _Items(torch.utils.data.Dataset):
         index = self.indices[k]
         sample = self.data.samples[index]
         try:
-            image = load_image(sample.image)  # H x W x 3 uint8
+            # the resize of ProxyCLIP.preprocess, done here in the worker
+            image, resized = read_resized(sample.image, self.short_side, self.long_side)  # H x W x 3, h x w x 3 uint8
             label = self.data.read_label(sample.label)  # H x W int64
         except ProxyCLIPError as exc:
             return {"index": index, "error": str(exc)}
         if label.shape != image.shape[:2]:
             return {"index": index, "error": f"{sample.label}: label size {label.shape[1]}x{label.shape[0]} differs "
                                              f"from image {sample.image} ({image.shape[1]}x{image.shape[0]})"}
-        resized = torch.tensor(image).permute(2, 0, 1)  # 3 x H x W uint8
-        if self.short_side is not None:  # the resize of ProxyCLIP.preprocess, done here in the worker
-            resized = resize_keep_ratio(resized, self.short_side, self.long_side)
-        return {"index": index, "error": None, "resized": resized.permute(1, 2, 0).numpy(),  # h x w x 3 uint8
+        return {"index": index, "error": None, "resized": resized,  # h x w x 3 uint8
                 "label": torch.from_numpy(label), "image": image if self.keep_image else None}
-
-
-def _identity(item: dict) -> dict:
-    return item
-
-
-def default_workers() -> int:
-    """Loader processes: min(4, CPU count)."""
-    return min(4, os.cpu_count() or 1)
 
 
 def make_loader(data: SegmentationDataset, indices: Sequence[int], model: ProxyCLIP, workers: int = 0,
                 keep_image: bool = False) -> torch.utils.data.DataLoader:
     """Items ``{"index", "error", "resized", "label", "image"}`` of ``indices``, in order, read and
     resized (by the model's rule) in ``workers`` background processes."""
-    return torch.utils.data.DataLoader(
-        _Items(data, indices, model.config.short_side, model.config.long_side, keep_image),
-        batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-    )
+    return _loader(_Items(data, indices, model.config.short_side, model.config.long_side, keep_image), workers)
 
 
 def _batches(loader: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -279,15 +265,17 @@ class Scorer:
         data: the dataset (classes, ignore index, sample ids).
         state: where the areas go.
         pred_dir / overlay_dir: write label maps / overlays there (None: not).
+        text_progress: ``progress(done, total)`` of encoding the class names (if not cached).
     """
 
     def __init__(self, model: ProxyCLIP, data: SegmentationDataset, state: ResumeState,
-                 pred_dir: Path | None = None, overlay_dir: Path | None = None):
+                 pred_dir: Path | None = None, overlay_dir: Path | None = None,
+                 text_progress: Callable[[int, int], None] | None = None):
         self.model, self.data, self.state = model, data, state
         self.pred_dir, self.overlay_dir = pred_dir, overlay_dir
         self.classes = data.classes
         self.names = data.preset.display_names(self.classes)
-        self.text = model.encode_classes(self.classes)
+        self.text = model.encode_classes(self.classes, text_progress)
         self.normalise = model.with_config(short_side=None)  # the loader resized already
 
     def score(self, items: Sequence[dict]) -> None:
@@ -324,7 +312,7 @@ class Scorer:
 
 def make_result(model: ProxyCLIP, data: SegmentationDataset, areas: torch.Tensor, num_images: int, *,
                 cid: str, label: str, overrides: Mapping[str, Any], protocol: str, world: int, seconds: float,
-                images_scored: int) -> dict:
+                images_scored: int, provenance: Mapping[str, Any] | None = None) -> dict:
     """The result record of a finished run (as written to ``OUT/DATASET-CONFIG.json``)."""
     names = data.preset.display_names(data.classes)
     preset = data.preset
@@ -350,6 +338,8 @@ def make_result(model: ProxyCLIP, data: SegmentationDataset, areas: torch.Tensor
         "areas": dict(zip(AREA_ROWS, areas.tolist())),
         "seconds": round(seconds, 3),
         "images_per_second": round(images_scored * world / seconds, 3) if images_scored and seconds > 0 else None,
+        # what produced the numbers: weights (files and digests, or random with a seed), device, versions
+        "provenance": dict(provenance) if provenance else {"device": str(model.device), "torch": torch.__version__},
     }
 
 
@@ -379,6 +369,7 @@ def evaluate(
     overrides: Mapping[str, Any] | None = None,
     protocol: str = "method",
     on_image: Callable[[int], None] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict:
     """Evaluate a model on a dataset; write the results when ``run.out_dir`` is given.
 
@@ -391,6 +382,7 @@ def evaluate(
         overrides: settings the user forced over the protocol, recorded in the configuration id.
         protocol: recorded in the result: "method" (the method's own per-dataset settings) or "dataset".
         on_image: called with the number of images done in this call, after each image.
+        provenance: recorded in the result as is (see ``proxyclip.apps.eval.run_provenance``).
 
     Returns:
         The result record (as written to the JSON file): ``metrics`` (aAcc, mIoU, mAcc,
@@ -416,7 +408,8 @@ def evaluate(
     todo = [i for i in mine if i not in done]
     scorer = Scorer(model, data, state,
                     pred_dir=out / "predictions" / preset.key if out and run.save_predictions else None,
-                    overlay_dir=out / "overlays" / preset.key if out and run.save_overlays else None)
+                    overlay_dir=out / "overlays" / preset.key if out and run.save_overlays else None,
+                    text_progress=CountBar("encoding class names", "name", disable=not run.progress or dist.rank != 0))
     loader = make_loader(data, todo, model, run.workers, keep_image=run.save_overlays)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc=preset.key, file=sys.stderr,
                disable=not run.progress or dist.rank != 0, dynamic_ncols=True)
@@ -432,7 +425,12 @@ def evaluate(
                 on_image(len(state.done) - resumed)
     finally:
         bar.close()
-        state.flush()
+        failing = sys.exc_info()[0] is not None
+        try:
+            state.flush()
+        except ProxyCLIPError:
+            if not failing:  # else the first error (often the same full disk) is the one to show
+                raise
     seconds = time.perf_counter() - start
 
     areas = all_reduce_sum(state.areas, dist)
@@ -440,7 +438,8 @@ def evaluate(
     if images != total:
         raise ProxyCLIPError(f"internal error: {images} images were scored but {total} were selected")
     result = make_result(model, data, areas, total, cid=cid, label=clabel, overrides=overrides, protocol=protocol,
-                         world=dist.world, seconds=seconds, images_scored=len(state.done) - resumed)
+                         world=dist.world, seconds=seconds, images_scored=len(state.done) - resumed,
+                         provenance=provenance)
     if out is not None and dist.rank == 0:
         write_atomically({out / f"{preset.key}-{cid}.json": json.dumps(result, indent=1) + "\n",
                           out / f"{preset.key}-{cid}.md": result_markdown(result)})

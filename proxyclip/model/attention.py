@@ -20,7 +20,38 @@ which is identical to eq. 7 for every row that has a non-negative entry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .._lazy import F, torch
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 4's ``x x^T`` for l2-normalised tokens; of two token sets (``a`` the queries, ``b`` the
+    keys) when ``b`` is given, as in Table 7's q-k similarity.
+
+    Args:
+        a: B x C x L tokens, channels first (any real dtype).
+        b: B x C x M tokens, or None for ``a`` itself.
+
+    Returns:
+        B x L x M float32 cosine similarities.
+    """
+    x = F.normalize(a.float(), dim=1)  # B x C x L
+    y = x if b is None else F.normalize(b.float(), dim=1)  # B x C x M
+    return torch.bmm(x.transpose(1, 2), y)  # B x L x M
+
+
+def shift_and_scale(sim: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Eq. 6: ``gamma * (S - beta * mean(S))``, the mean over all entries of each window's matrix.
+
+    Args:
+        sim: B x L x M similarities.
+
+    Returns:
+        B x L x M.
+    """
+    mean = sim.mean(dim=(1, 2), keepdim=True)  # B x 1 x 1, one statistic per window
+    return (sim - beta * mean) * gamma
 
 
 def normalised_similarity(feats: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
@@ -35,10 +66,7 @@ def normalised_similarity(feats: torch.Tensor, beta: float, gamma: float) -> tor
         A: B x L x L float32, L = h * w; the mean is taken per window. It is computed in
         float32 whatever the features' dtype, since the mask of eq. 7 is a hard threshold.
     """
-    x = F.normalize(feats.float().flatten(2), dim=1)  # B x C x L
-    sim = torch.bmm(x.transpose(1, 2), x)  # B x L x L
-    mean = sim.mean(dim=(1, 2), keepdim=True)  # B x 1 x 1, one statistic per window
-    return (sim - beta * mean) * gamma
+    return shift_and_scale(cosine_similarity(feats.flatten(2)), beta, gamma)  # B x L x L
 
 
 def masked_softmax(a: torch.Tensor) -> torch.Tensor:
@@ -70,7 +98,9 @@ def proxy_attention(feats: torch.Tensor, beta: float = 1.2, gamma: float = 3.0) 
 
 
 # The attention of the ablations in Tables 4 and 6 of the paper; "proxy" is the method.
-ATTENTION_VARIANTS = ("proxy", "plain", "norm", "mask")
+# "vfm_attn" (Table 4, lower half) is the VFM's own last-layer attention, which comes from the VFM's
+# last block (:func:`mean_head_attention` of its queries and keys), not from its output features.
+ATTENTION_VARIANTS = ("proxy", "plain", "norm", "mask", "vfm_attn")
 
 
 def ablation_attention(
@@ -83,6 +113,8 @@ def ablation_attention(
     - "norm": eqs. 6 and 8 without the mask, softmax(A) (Table 4, normalisation only);
     - "mask": eq. 9, a fixed threshold on the raw similarity: softmax over the entries with
       S_ij >= alpha (Table 6, masking only).
+
+    ("vfm_attn" is not computed from features; see :data:`ATTENTION_VARIANTS`.)
     """
     if variant == "proxy":
         return proxy_attention(feats, beta, gamma)
@@ -92,6 +124,9 @@ def ablation_attention(
         return normalised_similarity(feats, beta, gamma).softmax(dim=-1)
     if variant == "mask":
         return masked_softmax(normalised_similarity(feats, beta=0.0, gamma=1.0) - alpha)
+    if variant == "vfm_attn":
+        raise ValueError("the 'vfm_attn' attention is the VFM's own last-layer attention, not a function of its "
+                         "features: take it from the VFM wrapper's last_attention()")
     raise ValueError(f"unknown attention variant {variant!r}; use one of {', '.join(ATTENTION_VARIANTS)}")
 
 
@@ -106,3 +141,31 @@ def aggregate_values(attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         B x L x D re-aggregated values.
     """
     return torch.bmm(attn.to(values.dtype), values)  # B x L x D
+
+
+def mean_head_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: Callable[[int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A transformer's own self-attention, averaged over its heads (Table 4, lower half):
+    ``mean_h softmax(q_h k_h^T * scale + bias_h)``, one head at a time (one L x M matrix alive).
+
+    Args:
+        q: B x H x L x d queries of one block (after any q-norm).
+        k: B x H x M x d keys.
+        scale: the block's logit scale, ``d ** -0.5``.
+        bias: head index -> B x L x M additive logit bias (SAM's relative positions), or None.
+
+    Returns:
+        B x L x M float32 attention, each row summing to 1.
+    """
+    total = None
+    for h in range(q.shape[1]):
+        logits = torch.bmm(q[:, h].float() * scale, k[:, h].float().transpose(1, 2))  # B x L x M
+        if bias is not None:
+            logits = logits + bias(h).float()
+        attn = logits.softmax(dim=-1)
+        total = attn if total is None else total + attn
+    return total / q.shape[1]

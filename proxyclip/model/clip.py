@@ -3,7 +3,7 @@ text embeddings. No other module touches open_clip's internals."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import open_clip
 import torch
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
 from ..errors import ProxyCLIPError, WeightsError
+from .checkpoints import load_state_dict, read_checkpoint
 from .config import CLIP_MODELS
 from .pos_embed import resize_pos_embed_with_cls
 
@@ -34,8 +35,9 @@ def load_clip(
     Args:
         name: open_clip architecture name, e.g. "ViT-B-16".
         pretrained: open_clip pretrained tag (it decides QuickGELU: "openai" uses it).
-        weights: a local checkpoint file (.safetensors, or a state dict loaded with
-            ``weights_only=True``) used instead of downloading the tag's weights.
+        weights: a local checkpoint file used instead of downloading the tag's weights:
+            .safetensors, a state dict (read with ``weights_only=True``), or OpenAI's own
+            TorchScript file (``ViT-B-16.pt``); see :mod:`proxyclip.model.checkpoints`.
         random_weights: build the architecture with random weights (tests and benchmarks only).
         precision: open_clip's precision: "fp32", or "fp16" as the published runs built CLIP (linear,
             convolution and attention weights and ``proj`` in fp16; layer norms computed in fp32;
@@ -49,7 +51,7 @@ def load_clip(
             f"unknown CLIP model {name!r}; use an open_clip ViT name such as {', '.join(CLIP_MODELS)}"
         )
     quick_gelu = _uses_quick_gelu(name, pretrained)
-    source = None if random_weights else (weights or pretrained)
+    source = None if random_weights or weights else pretrained  # a local file is read below, safely
     try:
         model = open_clip.create_model(
             name, pretrained=source, force_quick_gelu=quick_gelu, weights_only=True, precision=precision
@@ -63,6 +65,8 @@ def load_clip(
             "Pass a local checkpoint with --clip-weights FILE, or put the weights in the Hugging Face "
             "cache (HF_HOME) and set HF_HUB_OFFLINE=1, or connect to the internet."
         ) from exc
+    if weights and not random_weights:  # open_clip state dict, .safetensors, or OpenAI's TorchScript file
+        load_state_dict(model, read_checkpoint(weights), f"CLIP weights file {weights} for {name}")
     if not isinstance(model.visual, VisionTransformer) or model.visual.proj is None:
         raise ProxyCLIPError(f"CLIP model {name!r} is not an open_clip ViT with a projection; use e.g. ViT-B-16")
     if model.visual.attn_pool is not None:
@@ -192,15 +196,17 @@ class ClipAdapter:
         """Block ``index`` (negative counts from the last)."""
         return self._blocks[index]
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, pos_recipe: str = "dino") -> torch.Tensor:
         """Patch embedding, class token, positional embedding and ``ln_pre``.
 
         Args:
             images: B x 3 x H x W, CLIP-normalised.
+            pos_recipe: how the positional embedding is resized to the patch grid: the DINO
+                recipe of ProxyCLIP's published code, or another method's (see
+                :mod:`proxyclip.model.pos_embed`).
 
         Returns:
-            B x (1 + h*w) x D tokens. The positional embedding is resized with the DINO recipe
-            (see :mod:`proxyclip.model.pos_embed`).
+            B x (1 + h*w) x D tokens.
         """
         visual = self.visual
         x = visual.conv1(images)  # B x D x h x w
@@ -208,7 +214,7 @@ class ClipAdapter:
         x = x.flatten(2).transpose(1, 2)  # B x hw x D
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # B x 1 x D
         x = torch.cat([cls, x], dim=1)  # B x (1 + hw) x D
-        x = x + resize_pos_embed_with_cls(visual.positional_embedding, grid).to(x.dtype)
+        x = x + resize_pos_embed_with_cls(visual.positional_embedding, grid, pos_recipe).to(x.dtype)
         return visual.ln_pre(visual.patch_dropout(x))
 
     def blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -265,21 +271,27 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_queries(
-    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8
+    model: torch.nn.Module, tokenizer: object, queries: Sequence[str], device: torch.device | str, batch: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    extra_templates: Sequence[str] = (),
 ) -> torch.Tensor:
-    """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates.
+    """Text embeddings of ``queries`` with the 80 OpenAI ImageNet templates (and ``extra_templates``,
+    format strings with ``{}`` for the name, after them).
 
     Each template's embedding is l2-normalised, averaged over templates and normalised again,
-    as open_clip's ``build_zero_shot_classifier`` does.
+    as open_clip's ``build_zero_shot_classifier`` does. ``progress(done, total)`` is called after
+    each batch of names (e.g. to draw a progress bar).
 
     Returns:
         Q x E float32, rows of unit norm.
     """
-    templates = open_clip.OPENAI_IMAGENET_TEMPLATES
+    templates = [*open_clip.OPENAI_IMAGENET_TEMPLATES, *(t.format for t in extra_templates)]
     out = []
     for start in range(0, len(queries), batch):
         names = queries[start : start + batch]
         tokens = tokenizer([t(name) for name in names for t in templates]).to(device)  # (n*80) x 77
         emb = encode_text(model, tokens).reshape(len(names), len(templates), -1).mean(dim=1)  # n x E
         out.append(F.normalize(emb.float(), dim=-1))
+        if progress is not None:
+            progress(start + len(names), len(queries))
     return torch.cat(out)  # Q x E

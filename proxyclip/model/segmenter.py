@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +15,13 @@ from torch import nn
 
 from ..classes import ClassList, make_class_list
 from ..errors import ProxyCLIPError
-from ..images import ImageInput, load_image, resize_keep_ratio
+from ..images import ImageInput, label_dtype, load_image, resize_keep_ratio
+from ..text_cache import encode_cached
 from . import clip as clip_lib
 from .config import WEIGHT_FIELDS, ProxyCLIPConfig
+from .hub import weights_available
 from .methods import Windows, get_method
+from .pixels import clip_input_constants, clip_to_vfm_input, normalise_clip_input
 from .refine import REFINERS, refine_image_logits
 from .sliding import slide_logits
 from .vfm import VFM_BUILDERS
@@ -30,7 +33,7 @@ Classes = ClassList | Sequence[str | Sequence[str]]
 class Segmentation:
     """The result for one image, at the image's own size."""
 
-    labels: np.ndarray  # H x W int64 class indices
+    labels: np.ndarray  # H x W class indices: uint8 up to 256 classes, else int16/int32 (images.label_dtype)
     probs: np.ndarray | None  # C x H x W float32 class probabilities (max over a class's names); None if not asked
     classes: ClassList
 
@@ -56,17 +59,11 @@ class ProxyCLIP(nn.Module):
         self.vfm = vfm  # kept whatever the method, so with_config can switch methods back and forth
         self.config = config
         self.method = get_method(config.method).build(config.options)
-        mean, std = self.clip.normalisation
-        self.register_buffer("clip_mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(std).view(3, 1, 1), persistent=False)
-        if self.vfm is not None:
-            self.register_buffer("vfm_mean", torch.tensor(self.vfm.mean).view(3, 1, 1), persistent=False)
-            self.register_buffer("vfm_std", torch.tensor(self.vfm.std).view(3, 1, 1), persistent=False)
         # query names -> Q x E float32 CPU embeddings, least recently used first (kept apart from the
         # model's device and dtype, so that .to() / .half() after encoding need nothing else)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict() if text_cache is None else text_cache
         self.text_cache_size = 64  # class lists whose embeddings are kept (a server sees many)
-        self.band_elements = 2**26  # at most this many logits resized at once in segment()
+        self.band_elements = 2**22  # at most this many logits resized at once in segment() (each band: ~6 copies)
         self.batch_elements = 2**28  # at most this many window logits per forward pass
 
     @classmethod
@@ -79,6 +76,7 @@ class ProxyCLIP(nn.Module):
         random_weights: bool = False,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        progress: Callable[[str], None] | None = None,
     ) -> ProxyCLIP:
         """Build from names, loading weights through open_clip and timm (or local files).
 
@@ -90,30 +88,29 @@ class ProxyCLIP(nn.Module):
             dtype: torch.float32; torch.float16 as the published runs (open_clip's mixed precision
                 for CLIP: fp16 weights, fp32 layer norms and embeddings; the VFM in fp16); or
                 torch.bfloat16 (every weight cast: faster on CPUs with AVX512-BF16/AMX).
+            progress: called with a line before each model is loaded (e.g. ``print``).
+
+        Raises:
+            WeightsError: naming every missing weight, before any is loaded (see :mod:`proxyclip.model.hub`).
         """
         config = config or ProxyCLIPConfig()
         if config.needs_vfm and config.vfm not in VFM_BUILDERS:
             raise ProxyCLIPError(f"unknown VFM {config.vfm!r}; choose one of {', '.join(VFM_BUILDERS)}")
         if random_weights:
             warnings.warn("ProxyCLIP built with RANDOM weights: its output is meaningless", stacklevel=2)
+        say = progress or (lambda line: None)
         mixed = dtype == torch.float16  # the published recipe: open_clip builds CLIP in mixed precision
-        clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights, random_weights,
-                                                   precision="fp16" if mixed else "fp32")
-        vfm = None
-        if config.needs_vfm:
-            vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights).to(dtype)
+        with weights_available(config, clip_weights, vfm_weights, random_weights):  # all there, or one error
+            say(f"loading CLIP {config.clip} ({'random weights' if random_weights else clip_weights or config.clip_pretrained})")
+            clip_model, tokenizer = clip_lib.load_clip(config.clip, config.clip_pretrained, clip_weights,
+                                                       random_weights, precision="fp16" if mixed else "fp32")
+            vfm = None
+            if config.needs_vfm:
+                say(f"loading VFM {config.vfm} ({'random weights' if random_weights else vfm_weights or 'hub'})")
+                vfm = VFM_BUILDERS[config.vfm](weights=vfm_weights, random_weights=random_weights).to(dtype)
         if not mixed:
             clip_model.to(dtype)
         return cls(clip_model, tokenizer, vfm, config).to(device)
-
-    def _apply(self, fn, recurse: bool = True):
-        """Under ``.to()``, ``.half()``, ``.cuda()`` ...: the pixel normalisation stays float32."""
-        super()._apply(fn, recurse)
-        for name in ("clip_mean", "clip_std", "vfm_mean", "vfm_std"):
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
-        return self
 
     def astype(self, dtype: torch.dtype) -> ProxyCLIP:
         """A copy whose models run in ``dtype`` (e.g. torch.bfloat16), sharing the text cache."""
@@ -136,35 +133,45 @@ class ProxyCLIP(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.clip_mean.device
+        return self.clip.visual.proj.device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.clip.dtype
 
     # ---- text ---------------------------------------------------------------------------
+    def _text_key(self, classes: Classes) -> tuple:
+        """The text cache's key: the query names (and the method's extra templates, if any)."""
+        queries = make_class_list(classes).queries
+        extra = get_method(self.config.method).extra_templates
+        return (queries, extra) if extra else queries
+
     def is_encoded(self, classes: Classes) -> bool:
         """Whether :meth:`encode_classes` has these names cached (it then costs nothing)."""
-        return make_class_list(classes).queries in self._text_cache
+        return self._text_key(classes) in self._text_cache
 
-    def encode_classes(self, classes: Classes) -> torch.Tensor:
+    def encode_classes(self, classes: Classes, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Q x E unit-norm text embeddings of every query name, on the model's device and in its
-        dtype; cached per list of names."""
-        queries = make_class_list(classes).queries
+        dtype; cached per list of names (and the method's templates), in memory and on disk
+        (:mod:`proxyclip.text_cache`). ``progress(done, total)`` follows an encoding of names."""
+        key = self._text_key(classes)
         cache = self._text_cache
-        if queries in cache:
-            cache.move_to_end(queries)
+        if key in cache:
+            cache.move_to_end(key)
         else:
-            cache[queries] = clip_lib.encode_queries(self.clip_model, self.tokenizer, queries, self.device).float().cpu()
+            queries = make_class_list(classes).queries
+            extra = get_method(self.config.method).extra_templates
+            cache[key] = encode_cached(self.clip_model, self.tokenizer, queries, self.device, progress,
+                                       extra_templates=extra).float().cpu()
             while len(cache) > self.text_cache_size:
                 cache.popitem(last=False)
-        return cache[queries].to(self.device, self.dtype)
+        return cache[key].to(self.device, self.dtype)
 
     # ---- tensor level -------------------------------------------------------------------
     def to_vfm_input(self, windows: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised windows -> the same pixels normalised for the VFM (padding included)."""
-        pixels = windows * self.clip_std.to(windows.dtype) + self.clip_mean.to(windows.dtype)
-        return (pixels - self.vfm_mean.to(windows.dtype)) / self.vfm_std.to(windows.dtype)
+        clip_mean, clip_std = self.clip.normalisation
+        return clip_to_vfm_input(windows, clip_mean, clip_std, self.vfm.mean, self.vfm.std)  # as published
 
     def window_features(self, windows: torch.Tensor) -> torch.Tensor:
         """Dense CLIP features of a batch of windows, by the configured method.
@@ -176,14 +183,20 @@ class ProxyCLIP(nn.Module):
         Returns:
             N x E x h' x w' unit-norm features on the method's grid (the VFM's, or CLIP's).
         """
-        batch = Windows(source=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
-                        to_vfm_input=self.to_vfm_input if self.vfm is not None else None)
-        return F.normalize(self.method(batch), dim=1)  # N x E x h' x w'
+        return F.normalize(self.method(self._windows(windows)), dim=1)  # N x E x h' x w'
+
+    def _windows(self, windows: torch.Tensor) -> Windows:
+        return Windows(source=windows, clip=self.clip, vfm=self.vfm, window=self.config.window,
+                       to_vfm_input=self.to_vfm_input if self.vfm is not None else None)
 
     def window_logits(self, windows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """N x 3 x h x w windows -> N x Q x h x w cosine logits, resized to the window."""
-        feats = self.window_features(windows.float())  # N x E x h' x w'
-        logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
+        own_logits = getattr(self.method, "logits", None)  # a method that classifies its own way
+        if own_logits is not None:
+            logits = own_logits(self._windows(windows.float()), text)  # N x Q x h' x w'
+        else:
+            feats = self.window_features(windows.float())  # N x E x h' x w'
+            logits = torch.einsum("nehw,qe->nqhw", feats, text.to(feats.dtype))  # N x Q x h' x w'
         return F.interpolate(logits, size=windows.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.inference_mode()
@@ -292,13 +305,14 @@ class ProxyCLIP(nn.Module):
 
     # ---- image level --------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule)."""
+        """H x W x 3 uint8 RGB -> 3 x h x w CLIP-normalised float32 (resized by the config's rule, OpenCV
+        INTER_LINEAR as mmcv; normalised with the published constants, :mod:`proxyclip.model.pixels`)."""
         cfg = self.config
-        pixels = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1)  # 3 x H x W uint8
+        pixels = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)  # 3 x H x W uint8, not copied
         if cfg.short_side is not None:
             pixels = resize_keep_ratio(pixels, cfg.short_side, cfg.long_side)
-        pixels = pixels.to(self.device, torch.float32) / 255.0
-        return (pixels - self.clip_mean.float()) / self.clip_std.float()  # 3 x h x w
+        mean_255, std_255 = clip_input_constants(*self.clip.normalisation)
+        return normalise_clip_input(pixels.to(self.device), mean_255, std_255)  # 3 x h x w, as published
 
     @torch.inference_mode()
     def segment(self, image: ImageInput, classes: Classes, return_probs: bool = False) -> Segmentation:
@@ -354,11 +368,12 @@ class ProxyCLIP(nn.Module):
             size: (H, W), e.g. the original image's size.
 
         Returns:
-            H x W int64 labels, and C x H x W float32 probabilities if ``return_probs`` (else None).
+            H x W labels (:func:`~proxyclip.images.label_dtype`: uint8 up to 256 classes), and C x H x W
+            float32 probabilities if ``return_probs`` (else None).
         """
         class_list = make_class_list(classes)
         height, width = size
-        labels = np.empty((height, width), dtype=np.int64)
+        labels = np.empty((height, width), dtype=label_dtype(len(class_list)))  # uint8 up to 256 classes
         probs = np.empty((len(class_list), height, width), dtype=np.float32) if return_probs else None
         rows = max(1, self.band_elements // max(1, logits.shape[0] * width))
         keep = None

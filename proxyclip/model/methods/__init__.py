@@ -10,6 +10,15 @@ method may change the last block only (MaskCLIP, SCLIP, ClearCLIP, NACLIP) or ru
 own through several blocks (GEM's self-self path, CLIPSurgery's dual path: ``clip.embed``, then
 ``clip.blocks(x, stop=k)``, then its own loop over ``clip.block(i)``).
 
+Two optional hooks, for methods whose published inference reaches beyond the image embeddings:
+
+- **Its own classification**: a built method may have a ``logits(windows, text) -> N x Q x h x w``
+  attribute (``text``: the Q x E unit-norm text embeddings); the segmenter then calls it instead of
+  taking the cosine of the normalised embeddings with the text. CLIPSurgery's feature surgery,
+  which needs the class token and all class names at once, is one.
+- **Its own prompts**: ``MethodSpec.extra_templates`` are added to the 80 OpenAI ImageNet templates
+  when the segmenter embeds class names (CLIPSurgery's 5 scene prompts); the text cache keys on them.
+
 What comes next plugs in here without a redesign:
 
 - **A second VFM or other models** (CorrCLIP's SAM masks, region proposals): the spec says what

@@ -29,6 +29,10 @@ class Method(Protocol):
         segmenter normalises them), on the method's grid (CLIP's, or the VFM's)."""
         ...
 
+    # Optional: ``logits(windows, text) -> N x Q x h x w`` for a method that classifies its own way
+    # (CLIPSurgery's feature surgery); the segmenter then calls it instead of taking the cosine
+    # of the normalised embeddings with the Q x E unit-norm text embeddings.
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -50,6 +54,9 @@ class MethodSpec:
     source: str = ""  # where the defaults come from (published code, paper)
     settings: Mapping[str, Any] = field(default_factory=dict)
     dataset_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # prompts ("{}" = the class name) the method's published text side adds to the 80 OpenAI
+    # ImageNet templates, e.g. CLIPSurgery's 5 scene prompts
+    extra_templates: tuple[str, ...] = ()
 
     def default_options(self) -> Any:
         return self.options()
@@ -82,17 +89,22 @@ class Windows:
         """N x 3 x h x w, CLIP-normalised, in CLIP's dtype."""
         return self.source.to(self.clip.dtype)
 
+    def vfm_pixels(self) -> torch.Tensor:
+        """N x 3 x h x w: the windows as the VFM takes them (normalised for it; MAE: resized to
+        the protocol's window size), in the VFM's dtype."""
+        if self.vfm is None or self.to_vfm_input is None:
+            raise ValueError("this method needs a VFM, but none was built")
+        # re-normalised in float32, then cast to the VFM's dtype, as the published runs do
+        pixels = self.to_vfm_input(self.source.float())  # N x 3 x h x w
+        pixels = pixels.to(next((p.dtype for p in self.vfm.parameters()), pixels.dtype))
+        if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
+            pixels = F.interpolate(pixels, size=(self.window, self.window), mode="bilinear", align_corners=False)
+        return pixels
+
     def vfm_features(self) -> torch.Tensor:
         """N x C x h' x w' final-layer patch features of the VFM (computed once per batch)."""
         if self._vfm_features is None:
-            if self.vfm is None or self.to_vfm_input is None:
-                raise ValueError("this method needs a VFM, but none was built")
-            # re-normalised in float32, then cast to the VFM's dtype, as the published runs do
-            pixels = self.to_vfm_input(self.source.float())  # N x 3 x h x w
-            pixels = pixels.to(next((p.dtype for p in self.vfm.parameters()), pixels.dtype))
-            if getattr(self.vfm, "runs_at_window", False):  # MAE: at the protocol's window size
-                pixels = F.interpolate(pixels, size=(self.window, self.window), mode="bilinear", align_corners=False)
-            self._vfm_features = self.vfm(pixels)
+            self._vfm_features = self.vfm(self.vfm_pixels())
         return self._vfm_features
 
 

@@ -5,6 +5,16 @@ value map of the last block (class token dropped) is resized bilinearly to the V
 the proxy attention of eqs. 4-8 (:mod:`proxyclip.model.attention`), one for all heads, pools it;
 then out_proj, no residual and no MLP, ``ln_post`` and ``proj``. ``attention`` selects the
 paper's ablations of the attention (Tables 4 and 6).
+
+``attention="vfm_attn"`` (Table 4, lower half: "attention scores from the last self-attention
+layer of each VFM") replaces Attn_p by the VFM's own last-block attention
+``mean_h softmax(q_h k_h^T / sqrt(d))`` over its patch tokens (``last_attention`` of the VFM
+wrappers in :mod:`proxyclip.model.vfm`). The paper does not say how heads are combined, and the
+published code keeps no trace of this run beyond a hook that reads DINO's last-block q and k
+with the class token dropped: the heads' attentions are averaged here (each head's is a
+distribution over patches, so their mean is one too), and the class and register tokens are
+dropped before the softmax. SAM's last block (a global one) includes its relative-position bias.
+beta and gamma do not apply.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ class ProxyCLIPOptions:
     gamma: float = field(default=3.0, metadata={"help": "scale factor of eq. 6 (paper: 3.0)"})
     attention: str = field(default="proxy", metadata={
         "help": "proxy (the method, eqs. 4-8) or an ablation: plain (softmax of the similarity, Table 4), "
-                "norm (normalisation without mask, Table 4), mask (fixed threshold --alpha, no normalisation, Table 6)",
+                "norm (normalisation without mask, Table 4), mask (fixed threshold --alpha, no normalisation, Table 6), "
+                "vfm_attn (the VFM's own last-layer self-attention averaged over heads, Table 4)",
         "choices": ATTENTION_VARIANTS})
     alpha: float = field(default=0.0, metadata={"help": "similarity threshold of the 'mask' ablation (eq. 9)"})
 
@@ -50,10 +61,15 @@ def last_block_values(windows: Windows) -> torch.Tensor:
 
 def build(options: ProxyCLIPOptions):
     def proxyclip(windows: Windows) -> torch.Tensor:
-        feats = windows.vfm_features()  # N x C x h' x w'
-        grid = tuple(feats.shape[-2:])
+        if options.attention == "vfm_attn":  # Table 4, lower half: the VFM's own last-layer attention
+            pixels = windows.vfm_pixels()  # N x 3 x h x w
+            attn = windows.vfm.last_attention(pixels)  # N x L x L, rows sum to 1
+            grid = windows.vfm.grid(pixels)
+        else:
+            feats = windows.vfm_features()  # N x C x h' x w'
+            grid = tuple(feats.shape[-2:])
+            attn = ablation_attention(feats, options.attention, options.beta, options.gamma, options.alpha)  # N x L x L
         v = F.interpolate(last_block_values(windows), size=grid, mode="bilinear", align_corners=False)  # N x D x h' x w'
-        attn = ablation_attention(feats, options.attention, options.beta, options.gamma, options.alpha)  # N x L x L
         tokens = aggregate_values(attn, v.flatten(2).transpose(1, 2))  # N x L x D
         z = windows.clip.project(windows.clip.block(-1).out_proj(tokens))  # N x L x E
         return windows.clip.to_map(z, grid)  # N x E x h' x w'
