@@ -141,7 +141,7 @@ def test_sam_attention_is_the_blocks_own_with_relative_positions():
     for block in model.blocks:
         block.attn.rel_pos_h.normal_()  # zero at initialisation: make the relative positions count
         block.attn.rel_pos_w.normal_()
-    vfm = SamEncoder(model)  # input size: the model's, 64
+    vfm = SamEncoder(model)  # its input size from the model: 64
     images = torch.randn(2, 3, 40, 50)  # resized to 64 x 64: a 4 x 4 grid
     x, out = _capture_last_attention_io(vfm, images)  # B x 4 x 4 x C each
     attn = vfm.last_attention(images)  # B x 16 x 16
