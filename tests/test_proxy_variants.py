@@ -24,7 +24,7 @@ def clip_qkv_maps(visual: torch.nn.Module, img: torch.Tensor) -> list[torch.Tens
     """CLIP's last-block q, k, v of the patches as B x D x h x w maps, computed from open_clip's
     modules as the published code reads DINO's (a hook on qkv; heads concatenated; class token
     dropped), with the published positional-embedding recipe (the oracle's)."""
-    p = ref.clip_patch_size(visual)
+    p = int(visual.conv1.kernel_size[0])
     rows, cols = img.shape[-2] // p, img.shape[-1] // p
     x = visual.conv1(img).flatten(2).transpose(1, 2)  # B x hw x D
     x = torch.cat([visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1), x], dim=1)
@@ -141,7 +141,7 @@ def test_sam_attention_is_the_blocks_own_with_relative_positions():
     for block in model.blocks:
         block.attn.rel_pos_h.normal_()  # zero at initialisation: make the relative positions count
         block.attn.rel_pos_w.normal_()
-    vfm = SamEncoder(model, input_size=64)
+    vfm = SamEncoder(model)  # its input size from the model: 64
     images = torch.randn(2, 3, 40, 50)  # resized to 64 x 64: a 4 x 4 grid
     x, out = _capture_last_attention_io(vfm, images)  # B x 4 x 4 x C each
     attn = vfm.last_attention(images)  # B x 16 x 16

@@ -26,9 +26,10 @@ def encodings(monkeypatch):
     calls = []
     original = clip_lib.encode_queries
 
-    def counting(model, tokenizer, queries, device, batch=8, progress=None):
+    def counting(model, tokenizer, queries, device, batch=8, progress=None, extra_templates=()):
         calls.append(tuple(queries))
-        return original(model, tokenizer, queries, device, batch=batch, progress=progress)
+        return original(model, tokenizer, queries, device, batch=batch, progress=progress,
+                        extra_templates=extra_templates)
 
     monkeypatch.setattr(clip_lib, "encode_queries", counting)
     return calls

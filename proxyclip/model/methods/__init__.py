@@ -19,20 +19,20 @@ Two optional hooks, for methods whose published inference reaches beyond the ima
 - **Its own prompts**: ``MethodSpec.extra_templates`` are added to the 80 OpenAI ImageNet templates
   when the segmenter embeds class names (CLIPSurgery's 5 scene prompts); the text cache keys on them.
 
-What comes next plugs in here without a redesign:
+Where what comes next plugs in, without a redesign (the first and third are not built yet):
 
-- **A second VFM or other models** (CorrCLIP's SAM masks, region proposals): the spec says what
-  it needs (as ``needs_vfm`` today); the segmenter builds the model once and hands it over in
-  :class:`.base.Windows`, next to ``vfm``, with a lazily computed, cached product such as
+- **A second VFM or other models** (CorrCLIP's SAM masks, region proposals): the spec will say
+  what it needs (as ``needs_vfm`` does today); the segmenter builds the model once and hands it
+  over in :class:`.base.Windows`, next to ``vfm``, with a lazily computed, cached product like
   ``vfm_features()`` (e.g. ``masks()``). Masks depend on the window only, so they batch like
   features.
 - **Post-processing refinement** (PAMR, as SCLIP's and NACLIP's published rows use): a function
   in ``proxyclip.model.refine.REFINERS`` applied by the segmenter to each image's averaged logits
   at the output size with the image's pixels, as published (``ProxyCLIPConfig.refine``), for any
   method; a method's published runs turn it on through ``MethodSpec.settings`` (NACLIP).
-- **Several scales or a splice of windows** (Trident): a method may implement
-  ``image_logits(segmenter, image, text)``; the segmenter then calls it for the whole image
-  instead of its sliding windows, and the method uses the segmenter's window machinery
+- **Several scales or a splice of windows** (Trident): a built method will offer
+  ``image_logits(segmenter, image, text)``, which the segmenter calls for the whole image instead
+  of its sliding windows (as it calls ``logits`` today), and which uses the window machinery
   (:func:`proxyclip.model.sliding.slide_logits`) at the scales it wants.
 - **Per-dataset published settings** (a method's own background thresholds, logit scale):
   ``MethodSpec.settings`` and ``dataset_settings``, partial inference configs that evaluation
